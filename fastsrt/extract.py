@@ -1,0 +1,90 @@
+"""Feature extraction jobs: image files in, SRT feature files (and pictures) out.
+
+A folder run never loses finished work: each output is written atomically, images whose output
+exists are skipped (resume), and unreadable images are reported while the others are written.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from fastsrt.io import ImageReadError, list_images, load_image, normalize, resize_to_patch_multiple, save_png, save_tensors
+from fastsrt.srt import SRT
+from fastsrt.viz import pca_colors, side_by_side, to_uint8_image
+
+
+@dataclass
+class ExtractReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+@dataclass
+class ImageFeatures:
+    image: torch.Tensor  # (3, H, W) in [0, 1], as fed to the model (before normalisation)
+    raw: torch.Tensor  # (C, h, w): one plain forward
+    srt: torch.Tensor  # (C, H, W) or (C, h, w): SRT
+    seconds: dict[str, float]
+
+
+def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures:
+    """Raw and SRT features of one (3, H, W) image in [0, 1], resized to a patch multiple."""
+    if isinstance(srt.layer, (list, tuple)):
+        raise ValueError("feature extraction takes one layer; got several")
+    device = next(srt.backbone.parameters(), torch.empty(0)).device
+    image = resize_to_patch_multiple(image, short_side, srt.patch_size)
+    batch = normalize(image, srt.backbone.mean, srt.backbone.std)[None].to(device)
+    seconds = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        raw = srt.backbone(batch, srt.layer).tokens[0][0]
+    seconds["raw forward"] = time.perf_counter() - start
+    start = time.perf_counter()
+    srt_features = srt(batch)[0]
+    seconds[f"SRT ({len(srt.shifts)} views, {srt.impl_used})"] = time.perf_counter() - start
+    return ImageFeatures(image=image, raw=raw.cpu(), srt=srt_features.cpu(), seconds=seconds)
+
+
+def comparison_picture(result: ImageFeatures) -> Image.Image:
+    """Image | raw features | SRT features, the features as one joint PCA colour map."""
+    raw_rgb, srt_rgb = pca_colors([result.raw, result.srt], size=tuple(result.image.shape[-2:]))
+    return side_by_side([to_uint8_image(result.image), raw_rgb, srt_rgb], ["image", "raw ViT features", "SRT features"])
+
+
+def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False, picture: bool = True, progress: bool = True) -> ExtractReport:
+    """For every image in ``inputs`` (files or folders): ``OUT/<stem>.safetensors`` with tensors
+    "raw" (C, h, w) and "srt" and, with ``picture``, ``OUT/<stem>.png``."""
+    paths = list_images(inputs)
+    stems = [p.stem for p in paths]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"several inputs share the name {duplicates[0]!r}; outputs are named by file stem")
+    out_dir = Path(out_dir)
+    report = ExtractReport()
+    metadata = {"layer": srt.layer, "shifts": srt.shifts, "upsample": srt.upsample, "padding": srt.padding,
+                "reduce": srt.reduce, "ignore_padding": srt.ignore_padding, "output": srt.output,
+                "patch_size": srt.patch_size}
+    for path in tqdm(paths, desc="extract", unit="image", disable=not progress):
+        target = out_dir / f"{path.stem}.safetensors"
+        if target.exists() and not overwrite:
+            report.skipped.append(path)
+            continue
+        try:
+            image = load_image(path)
+        except ImageReadError as error:
+            report.failed.append((path, str(error)))
+            tqdm.write(f"fastsrt: skipped: {error}")
+            continue
+        result = features_of(srt, image, short_side)
+        if picture:
+            save_png(target.with_suffix(".png"), comparison_picture(result))
+        save_tensors(target, {"raw": result.raw, "srt": result.srt}, {**metadata, "source": str(path)})
+        report.written.append(path)
+    return report

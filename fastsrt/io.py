@@ -1,0 +1,100 @@
+"""Reading images and writing results: image folders, model-ready tensors, atomic safetensors."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read; names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read image {str(path)!r}: {reason}")
+        self.path = Path(path)
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files named directly or found (sorted, not recursively) in the folders named."""
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {str(item)!r}")
+    return found
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """An RGB image file as a (3, H, W) float32 tensor in [0, 1]."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(path, str(error) or type(error).__name__) from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def resize_to_patch_multiple(image: torch.Tensor, short_side: int, patch_size: int) -> torch.Tensor:
+    """(3, H, W) -> (3, H', W'): the shorter side scaled to about ``short_side``, keeping the aspect
+    ratio, and each side rounded to a multiple of the patch size (bicubic, antialiased)."""
+    height, width = image.shape[-2:]
+    scale = short_side / min(height, width)
+    size = [max(patch_size, round(side * scale / patch_size) * patch_size) for side in (height, width)]
+    resized = F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)
+    return resized[0].clamp(0, 1)
+
+
+def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """[0, 1] RGB -> the model's normalised input: (x - mean) / std per channel."""
+    mean = torch.tensor(mean, dtype=image.dtype, device=image.device)[:, None, None]
+    std = torch.tensor(std, dtype=image.dtype, device=image.device)[:, None, None]
+    return (image - mean) / std
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Writes a safetensors file atomically: a reader never sees a half-written file, and an
+    interrupted write leaves no file behind. Metadata values that are not strings are stored as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=meta)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_png(path: str | os.PathLike, image: Image.Image) -> None:
+    """Saves a PIL image atomically (see save_tensors)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,58 @@
+"""Pictures of feature fields: a joint PCA to RGB, and labelled panels side by side."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+def pca_colors(feature_maps: Sequence[torch.Tensor], size: tuple[int, int] | None = None, samples: int = 50_000, seed: int = 0) -> list[np.ndarray]:
+    """(C, h, w) feature maps -> (H, W, 3) uint8 images coloured by their first three principal
+    components. The PCA and the colour scale are fitted on all maps together, so equal colours mean
+    equal features across panels. Maps are first resized (nearest) to ``size``, by default the
+    largest map's size, so token grids show their blocks."""
+    if size is None:
+        size = max((tuple(m.shape[-2:]) for m in feature_maps), key=lambda s: s[0] * s[1])
+    maps = [F.interpolate(m[None].float().cpu(), size=size, mode="nearest")[0] for m in feature_maps]
+    pixels = torch.cat([m.flatten(1).T for m in maps])  # (N, C)
+    generator = torch.Generator().manual_seed(seed)
+    sample = pixels[torch.randperm(len(pixels), generator=generator)[:samples]]
+    mean = sample.mean(0)
+    _, _, directions = torch.linalg.svd(sample - mean, full_matrices=False)
+    components = directions[:3].T  # (C, 3); fewer than 3 channels leaves the rest black
+    projected = [(m.flatten(1).T - mean) @ components for m in maps]
+    joint = torch.cat(projected)[torch.randperm(len(pixels), generator=generator)[:samples]]
+    low, high = torch.quantile(joint, 0.01, dim=0), torch.quantile(joint, 0.99, dim=0)
+    images = []
+    for p in projected:
+        rgb = torch.zeros(len(p), 3)
+        rgb[:, : p.shape[1]] = ((p - low) / (high - low).clamp(min=1e-12)).clamp(0, 1)
+        images.append((rgb.reshape(*size, 3).numpy() * 255).round().astype(np.uint8))
+    return images
+
+
+def to_uint8_image(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    return (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def side_by_side(panels: Sequence[np.ndarray], labels: Sequence[str], height: int = 320, gap: int = 8) -> Image.Image:
+    """Panels (H, W, 3) uint8 scaled to a common height, in a row with a caption above each."""
+    caption = 18
+    scaled = []
+    for panel in panels:
+        image = Image.fromarray(panel)
+        width = max(1, round(image.width * height / image.height))
+        scaled.append(image.resize((width, height), Image.Resampling.NEAREST))
+    total = sum(p.width for p in scaled) + gap * (len(scaled) + 1)
+    canvas = Image.new("RGB", (total, height + caption + 2 * gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for image, label in zip(scaled, labels):
+        draw.text((x, gap // 2), label, fill="black")
+        canvas.paste(image, (x, gap + caption))
+        x += image.width + gap
+    return canvas
