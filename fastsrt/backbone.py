@@ -110,13 +110,13 @@ class TokenSource(nn.Module):
 
     def layer_indices(self, layers: Layers) -> list[int]:
         """Absolute block indices of ``layers`` (negative counts from the last block)."""
-        requested = [layers] if isinstance(layers, int) else list(layers)
+        requested = list(layers) if isinstance(layers, (list, tuple)) else [layers]
         if not requested:
             raise ValueError("layers must name at least one block")
         absolute = []
         for layer in requested:
             if isinstance(layer, bool) or not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:
-                raise ValueError(f"layer {layer!r} is out of range for a model with {self.num_layers} blocks")
+                raise ValueError(f"layer {layer!r} is not a block index of this model (an int from {-self.num_layers} to {self.num_layers - 1})")
             absolute.append(layer % self.num_layers)
         return absolute
 

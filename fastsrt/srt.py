@@ -117,7 +117,7 @@ class SRT(nn.Module):
                 deviation = deviation[..., :height, :width] if std else None
             features.append(aggregate)
             stds.append(deviation)
-        single = isinstance(self.layer, int)
+        single = not isinstance(self.layer, (list, tuple))
         pick = (lambda values: values[0]) if single else (lambda values: values)
         return SRTOutput(
             features=pick(features),
