@@ -71,7 +71,7 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     save_png(out / "demo.png", comparison_picture(result))
-    save_tensors(out / "demo.safetensors", {"raw": result.raw, "srt": result.srt}, {"model": args.model})
+    save_tensors(out / "demo.safetensors", {"raw": result.raw, "srt": result.srt, "noise": result.noise}, {"model": args.model})
     steps["write picture and features"] = time.perf_counter() - start
     height, width = result.image.shape[-2:]
     print(f"fastsrt demo: {args.model}, {height}x{width} image, raw {tuple(result.raw.shape)} -> SRT {tuple(result.srt.shape)}")

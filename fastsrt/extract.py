@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from fastsrt.io import ImageReadError, list_images, load_image, normalize, resize_to_patch_multiple, save_png, save_tensors
 from fastsrt.srt import SRT
-from fastsrt.viz import pca_colors, side_by_side, to_uint8_image
+from fastsrt.viz import heat_colors, pca_colors, side_by_side, to_uint8_image
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ImageFeatures:
     image: torch.Tensor  # (3, H, W) in [0, 1], as fed to the model (before normalisation)
     raw: torch.Tensor  # (C, h, w): one plain forward
     srt: torch.Tensor  # (C, H, W) or (C, h, w): SRT
+    noise: torch.Tensor  # (H, W) or (h, w): norm over channels of the std across views
     seconds: dict[str, float]
 
 
@@ -47,15 +49,21 @@ def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures
         raw = srt.backbone(batch, srt.layer).tokens[0][0]
     seconds["raw forward"] = time.perf_counter() - start
     start = time.perf_counter()
-    srt_features = srt(batch)[0]
+    out = srt.run(batch, std=True)
     seconds[f"SRT ({len(srt.shifts)} views, {srt.impl_used})"] = time.perf_counter() - start
-    return ImageFeatures(image=image, raw=raw.cpu(), srt=srt_features.cpu(), seconds=seconds)
+    return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(), seconds=seconds)
 
 
 def comparison_picture(result: ImageFeatures) -> Image.Image:
-    """Image | raw features | SRT features, the features as one joint PCA colour map."""
-    raw_rgb, srt_rgb = pca_colors([result.raw, result.srt], size=tuple(result.image.shape[-2:]))
-    return side_by_side([to_uint8_image(result.image), raw_rgb, srt_rgb], ["image", "raw ViT features", "SRT features"])
+    """Image | raw features | SRT features | SRT noise: the features as one joint PCA colour map,
+    the noise (spread of the views, the SRT paper's Fig. 4) as a heat map."""
+    size = tuple(result.image.shape[-2:])
+    raw_rgb, srt_rgb = pca_colors([result.raw, result.srt], size=size)
+    noise = F.interpolate(result.noise[None, None], size=size, mode="nearest")[0, 0]
+    return side_by_side(
+        [to_uint8_image(result.image), raw_rgb, srt_rgb, heat_colors(noise)],
+        ["image", "raw ViT features", "SRT features", "SRT noise (std over views)"],
+    )
 
 
 def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False, picture: bool = True, progress: bool = True) -> ExtractReport:
@@ -85,6 +93,6 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
         result = features_of(srt, image, short_side)
         if picture:
             save_png(target.with_suffix(".png"), comparison_picture(result))
-        save_tensors(target, {"raw": result.raw, "srt": result.srt}, {**metadata, "source": str(path)})
+        save_tensors(target, {"raw": result.raw, "srt": result.srt, "noise": result.noise}, {**metadata, "source": str(path)})
         report.written.append(path)
     return report

@@ -34,6 +34,21 @@ def pca_colors(feature_maps: Sequence[torch.Tensor], size: tuple[int, int] | Non
     return images
 
 
+# anchor colours of a dark-to-bright heat map (black, purple, orange, pale yellow)
+_HEAT = torch.tensor([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=torch.float32)
+
+
+def heat_colors(values: torch.Tensor) -> np.ndarray:
+    """(H, W) non-negative values -> (H, W, 3) uint8 heat map, scaled to the 99th percentile."""
+    values = values.detach().float().cpu()
+    top = torch.quantile(values.flatten()[:: max(1, values.numel() // 100_000)], 0.99).clamp(min=1e-12)
+    position = (values / top).clamp(0, 1) * (len(_HEAT) - 1)
+    low = position.floor().long().clamp(max=len(_HEAT) - 2)
+    weight = (position - low)[..., None]
+    rgb = _HEAT[low] * (1 - weight) + _HEAT[low + 1] * weight
+    return rgb.round().to(torch.uint8).numpy()
+
+
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
     return (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -31,10 +31,11 @@ def test_extract_folder_writes_good_reports_bad_and_resumes(image_folder, tmp_pa
     assert "broken.png" in captured.err and "2 written" in captured.out and "1 failed" in captured.out
     with safe_open(out / "square.safetensors", "pt") as f:
         assert f.get_tensor("raw").shape == (384, 2, 2) and f.get_tensor("srt").shape == (384, 28, 28)
+        assert f.get_tensor("noise").shape == (28, 28) and f.get_tensor("noise").min() >= 0
         assert f.metadata()["source"].endswith("square.png")
     with safe_open(out / "wide.safetensors", "pt") as f:
         assert f.get_tensor("srt").shape == (384, 28, 56)  # aspect kept, sides rounded to the patch
-    assert Image.open(out / "square.png").size[0] > 3 * 28  # image | raw | SRT panels
+    assert Image.open(out / "square.png").size[0] > 4 * 28  # image | raw | SRT | noise panels
     assert sorted(p.name for p in out.iterdir()) == ["square.png", "square.safetensors", "wide.png", "wide.safetensors"]
 
     written = (out / "square.safetensors").stat().st_mtime_ns

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 import fastsrt.io as fio
-from fastsrt.viz import pca_colors, side_by_side
+from fastsrt.viz import heat_colors, pca_colors, side_by_side
 
 
 def test_load_image_and_errors(tmp_path):
@@ -58,3 +58,11 @@ def test_pca_colors_shared_scale():
     assert len({tuple(c) for c in a.reshape(-1, 3)}) == 6
     picture = side_by_side([a, b], ["one", "two"], height=40)
     assert picture.height > 40 and picture.width > 2 * 60
+
+
+def test_heat_colors_dark_to_bright():
+    values = torch.linspace(0, 1, 101).reshape(1, 101).expand(3, -1)
+    rgb = heat_colors(values).astype(int)
+    assert rgb.shape == (3, 101, 3)
+    brightness = rgb.sum(-1)[0]
+    assert brightness[0] < 10 and brightness[-1] > 600 and (brightness[1:] >= brightness[:-1]).all()
