@@ -199,6 +199,16 @@ def test_float16_cache_switches_to_float32_on_overflow():
     assert results[0].clean.shape == (12, 4, 4)
 
 
+def test_backbone_under_bfloat16_autocast():
+    vit = Backbone(tiny_vit())
+    config = DecomposeConfig(views=3, size=28, cache_dtype="float32")
+    exact = extract_view_features([smooth_image(28)], vit, config)
+    fast = extract_view_features([smooth_image(28)], vit, DecomposeConfig(views=3, size=28, cache_dtype="float32",
+                                                                          backbone_dtype="bfloat16"))
+    assert fast.raw.dtype == fast.cache.dtype == torch.float32
+    assert 0 < rel_err(fast.cache, exact.cache) < 3e-2 and torch.equal(fast.coords, exact.coords)
+
+
 @pytest.mark.parametrize("image, settings, error", [
     (torch.rand(1, 3, 32, 32), {}, "image must be"),
     (torch.rand(3, 32, 32) * 4 - 2, {}, r"in \[0, 1\]"),

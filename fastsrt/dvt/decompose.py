@@ -13,6 +13,7 @@ in fastsrt's C++/CUDA extension.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -47,7 +48,9 @@ class DecomposeConfig:
     artifact_std: G's N(0, std^2) init. residual_weight / sparsity_weight: the weights of
     mse(h, stopgrad(raw - F - G)) and mean|h|. cache_dtype: precision of the cached raw tokens
     ("float16", "bfloat16" or "float32"; float16 switches to float32 with a warning if a feature
-    overflows it). view_batch: views per backbone forward.
+    overflows it). backbone_dtype: "float32" (the authors'), or "bfloat16" / "float16" to run
+    the backbone under autocast (faster on GPUs; the features change slightly, by how much
+    bench/dvt_fit.py reports). view_batch: views per backbone forward.
     """
 
     views: int = 769
@@ -68,6 +71,7 @@ class DecomposeConfig:
     residual_weight: float = 0.1
     sparsity_weight: float = 0.02
     cache_dtype: str = "float16"
+    backbone_dtype: str = "float32"
     view_batch: int = 32
 
     def __post_init__(self):
@@ -91,6 +95,7 @@ class DecomposeConfig:
         if not isinstance(self.encoding, GridEncodingConfig):
             raise TypeError(f"encoding must be a GridEncodingConfig, got {type(self.encoding).__name__}")
         check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        check_choice("backbone_dtype", self.backbone_dtype, CACHE_DTYPES)
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up to lr, then cosine from lr to min_lr at the last step."""
@@ -146,11 +151,13 @@ def decompose(image, model, views: int = 769, iterations: int = 20000, seed: int
         (N, 3, S, S) to token grids (N, C, S/p, S/p) (then ``patch_size`` is required).
     settings: any other DecomposeConfig field (size, crop_scale, tokens_per_step, encoding, lr, ...).
     layer: the block whose tokens are decomposed (-1: the final normed tokens).
-    device: where features and fit run (default: the model's device). impl: the grid encoding,
-    "auto", "extension" or "reference".
+    device: where features and fit run (default: the model's device; the model is moved there).
+    impl: the grid encoding, "auto", "extension" or "reference". progress: a bar over the steps.
     """
     config = DecomposeConfig(views=views, iterations=iterations, **settings)
     backbone = backbone_for(model, patch_size=patch_size, pretrained=pretrained)
+    if device is not None:
+        backbone = backbone.to(device)
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise ValueError("no images given")
@@ -201,12 +208,14 @@ def extract_view_features(images: list[torch.Tensor], backbone: TokenSource, con
     cache, raw = None, []
     with torch.no_grad():
         for b, image in enumerate(images):
-            square = F.interpolate(image[None].float(), size=(config.size, config.size), mode="bicubic",
+            square = F.interpolate(image[None].float().to(device), size=(config.size, config.size), mode="bicubic",
                                    align_corners=False, antialias=True)[0].clamp(0, 1)
-            square = normalize(square, backbone.mean, backbone.std).to(device)
+            square = normalize(square, backbone.mean, backbone.std)
             for first in range(0, config.views, config.view_batch):
                 indices = range(first, min(config.views, first + config.view_batch))
-                tokens = backbone(render_views(square, crops[b], indices), layer).tokens[0]
+                views = render_views(square, crops[b], indices)
+                with _autocast(device, config.backbone_dtype):
+                    tokens = backbone(views, layer).tokens[0]
                 if first == 0:
                     raw.append(tokens[0].float())
                     if cache is None:
@@ -218,6 +227,12 @@ def extract_view_features(images: list[torch.Tensor], backbone: TokenSource, con
     coords = torch.stack([token_coordinates(c, grid).reshape(-1, 2) for c in crops]).to(device)
     _synchronize(device)
     return ViewFeatures(cache=cache, coords=coords, raw=torch.stack(raw), seconds=time.perf_counter() - start)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=CACHE_DTYPES[dtype])
 
 
 def _fit_cache_dtype(cache: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
