@@ -37,13 +37,18 @@ class FitReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def shard(paths: list, rank: int | None = None, world_size: int | None = None) -> list:
-    """This process's share of ``paths``: every world_size-th item from rank (default: the RANK and
-    WORLD_SIZE environment variables torchrun sets, else 0 and 1)."""
+def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """The given values, else the RANK and WORLD_SIZE environment variables torchrun sets, else 0 and 1."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def shard(paths: list, rank: int | None = None, world_size: int | None = None) -> list:
+    """This process's share of ``paths``: every world_size-th item from rank (see rank_and_world_size)."""
+    rank, world_size = rank_and_world_size(rank, world_size)
     return paths[rank::world_size]
 
 
@@ -61,6 +66,7 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise ValueError(f"several inputs share the name {duplicates[0]!r}; outputs are named by file stem")
+    rank, world_size = rank_and_world_size(rank, world_size)
     paths = shard(paths, rank, world_size)
     backbone = backbone_for(model, patch_size=patch_size, pretrained=pretrained)
     if device is not None:
@@ -70,7 +76,8 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
                 "image_size": config.size, "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size,
                 "views": config.views, "iterations": config.iterations, "seed": seed}
     report = FitReport()
-    bar = tqdm(total=len(paths), desc="DVT stage 1", unit="image", disable=not progress)
+    label = f"DVT stage 1 (rank {rank}/{world_size})" if world_size > 1 else "DVT stage 1"
+    bar = tqdm(total=len(paths), desc=label, unit="image", disable=not progress)
 
     def fit_group(group: list[tuple[Path, torch.Tensor]]) -> None:
         features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seed, device=device)
