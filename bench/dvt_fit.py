@@ -283,19 +283,22 @@ def main():
             row = in_subprocess(spec, Path(state_dir)) if device.type == "cpu" else run_row(spec, args, state, None)
             rows.append(row)
             print(describe(row), flush=True)
-    for row in rows:
-        if row["stage"] == "encoding" and row["impl"] == "extension":
-            reference = next(r for r in rows if r["stage"] == "encoding" and r["impl"] == "reference" and r["points"] == row["points"])
-            row["speedup_vs_reference"] = reference["ms_per_call"] / row["ms_per_call"]
-    reference = next((r for r in rows if r["stage"] == "fit" and r["impl"] == "reference"), None)
-    for row in rows:
-        if reference is not None and row["stage"] == "fit" and row["impl"] == "extension":
-            row["loss_vs_reference"] = row["final_loss_image0"] / reference["final_loss_image0"] - 1
+            save(rows, args, device, device_name, tag, config)  # after every row: a time limit keeps what is done
+    print(f"wrote {Path(args.out) / f'dvt_fit-{tag}.json'} and .md")
 
+
+def save(rows: list[dict], args, device, device_name: str, tag: str, config: DecomposeConfig) -> None:
+    for row in rows:
+        reference = next((r for r in rows if r["stage"] == row["stage"] and r["impl"] == "reference"
+                          and r.get("points") == row.get("points")), None)
+        if reference is not None and row["impl"] == "extension" and row["stage"] == "encoding":
+            row["speedup_vs_reference"] = reference["ms_per_call"] / row["ms_per_call"]
+        if reference is not None and row["impl"] == "extension" and row["stage"] == "fit":
+            row["loss_vs_reference"] = row["final_loss_image0"] / reference["final_loss_image0"] - 1
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
-    grid = next(r["grid"] for r in rows if r["stage"] == "features")
     result = dict(device=device_name, torch=torch.__version__, triton=_triton_version(), command=command,
-                  setting=args.setting, model=args.model, size=args.size, grid=grid,
+                  setting=args.setting, model=args.model, size=args.size,
+                  grid=next((r["grid"] for r in rows if r["stage"] == "features"), None),
                   threads=torch.get_num_threads() if device.type == "cpu" else None,
                   load_average=os.getloadavg() if device.type == "cpu" else None,
                   fit_encoding=config.encoding.__dict__, tokens_per_step=args.tokens_per_step, rows=rows)
@@ -303,7 +306,6 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / f"dvt_fit-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"dvt_fit-{tag}.md").write_text(markdown(result, args))
-    print(f"wrote {out / f'dvt_fit-{tag}.json'} and .md")
 
 
 def _triton_version():
@@ -350,24 +352,33 @@ def markdown(result: dict, args) -> str:
             f"| {_fmt(row['iterations'], 'd')} | {_fmt(row['seconds_per_image'], '.3f')} | {_fmt(row.get('ms_per_call'), '.2f')} "
             f"| {_fmt(row.get('points_per_second'), '.3g')} | {_fmt(row['final_loss'], '.5f')} | {_fmt(row['peak_mib'], '.0f')} "
             f"| {'; '.join(note)} |")
-    features = min((r for r in rows if r["stage"] == "features"), key=lambda r: r["seconds_per_image"])
-    fast = next(r for r in rows if r["stage"] == "fit" and r["impl"] == "extension")
-    total = features["seconds_per_image"] + fast["seconds_per_image"]
-    lines += ["", f"Time per image, fast path: {features['seconds_per_image']:.2f} s features ({features['impl']}) + "
-                  f"{fast['seconds_per_image']:.2f} s fit = {total:.2f} s.", "", "Targets:"]
+    features = [r for r in rows if r["stage"] == "features"]
+    fast = [r for r in rows if r["stage"] == "fit" and r["impl"] == "extension"]
+    lines += ["", "Targets:"]
     speedups = [r["speedup_vs_reference"] for r in rows if "speedup_vs_reference" in r]
-    lines.append(f"- encoding forward+backward, extension vs torch, at least 3x: {min(speedups):.1f}x to "
-                 f"{max(speedups):.1f}x ({'met' if min(speedups) >= 3 else 'MISSED'})")
-    if result["setting"] == "paper":
-        lines.append(f"- at most 5 s per image at the paper's setting: {total:.2f} s ({'met' if total <= 5 else 'MISSED'})")
-    else:
-        lines.append("- 5 s per image applies to the paper's setting on an H100/H200; not measured by this reduced run")
+    if speedups:
+        lines.append(f"- encoding forward+backward, extension vs torch, at least 3x: {min(speedups):.1f}x to "
+                     f"{max(speedups):.1f}x ({'met' if min(speedups) >= 3 else 'MISSED'})")
+    if features and fast:
+        best = min(features, key=lambda r: r["seconds_per_image"])
+        total = best["seconds_per_image"] + fast[0]["seconds_per_image"]
+        where = f"{best['seconds_per_image']:.2f} s features ({best['impl']}) + {fast[0]['seconds_per_image']:.2f} s fit"
+        if result["setting"] == "paper":
+            lines.append(f"- at most 5 s per image at the paper's setting: {where} = {total:.2f} s "
+                         f"({'met' if total <= 5 else 'MISSED'})")
+        else:
+            lines.append(f"- time per image of this reduced setting: {where} = {total:.2f} s (the 5 s target is for "
+                         "the paper's setting on an H100/H200)")
     parity = [r for r in rows if "loss_vs_reference" in r]
     if parity:
         row = min(parity, key=lambda r: r["batch"])  # batch 1: the reference's own token stream
         gap = 100 * row["loss_vs_reference"]
         lines.append(f"- final loss within 2% of the torch reference path (image 0, {row['batch']} per fit): "
                      f"{gap:+.2f}% ({'met' if abs(gap) <= 2 else 'MISSED'})")
+    if result["threads"]:
+        lines += ["", "On a CPU the fit is bound by the MLP matmuls (C = 768, 2048 tokens a step), which the"
+                      " extension does not touch; fitting images together saves launches on a GPU, not work on a"
+                      " CPU thread."]
     return "\n".join(lines) + "\n"
 
 

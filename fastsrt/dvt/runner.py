@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,14 +57,13 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
                images_per_fit: int = 1, seed: int = 0, overwrite: bool = False, device=None, impl: str = "auto",
                patch_size: int | None = None, pretrained: bool | str = True, rank: int | None = None,
                world_size: int | None = None, progress: bool = True) -> FitReport:
-    """DVT stage 1 on every image in ``inputs`` (a folder or file, or a list of them) of this shard, ``images_per_fit``
-    images fitted together; writes ``out_dir/<stem>.safetensors`` (see the module doc)."""
+    """DVT stage 1 on this shard's images of ``inputs`` (a folder or file, or a list of them),
+    ``images_per_fit`` images fitted together; writes ``out_dir/<stem>.safetensors`` (module doc)."""
     config = config or DecomposeConfig()
     if isinstance(images_per_fit, bool) or not isinstance(images_per_fit, int) or images_per_fit < 1:
         raise ValueError(f"images_per_fit must be an int >= 1, got {images_per_fit!r}")
     paths = list_images([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
-    stems = [p.stem for p in paths]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    duplicates = sorted(stem for stem, count in Counter(p.stem for p in paths).items() if count > 1)
     if duplicates:
         raise ValueError(f"several inputs share the name {duplicates[0]!r}; outputs are named by file stem")
     rank, world_size = rank_and_world_size(rank, world_size)
