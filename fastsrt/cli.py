@@ -2,6 +2,7 @@
 
     fastsrt demo                      SRT on a generated image; writes a PCA picture
     fastsrt extract IMAGES... --out DIR   raw + SRT features (safetensors) and pictures
+    fastsrt fit IMAGES... --out DIR       DVT stage 1: (raw, clean, artifact) per image (safetensors)
 """
 from __future__ import annotations
 
@@ -81,6 +82,57 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_fit(args) -> int:
+    import os
+
+    import torch
+
+    from fastsrt.dvt.decompose import DecomposeConfig
+    from fastsrt.dvt.encoding import GridEncodingConfig
+    from fastsrt.dvt.runner import fit_folder
+
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    encoding = GridEncodingConfig(levels=args.levels, features=args.features, log2_table_size=args.log2_table_size,
+                                  base_resolution=args.base_resolution, max_resolution=args.max_resolution)
+    config = DecomposeConfig(views=args.views, iterations=args.iterations, size=args.size,
+                             tokens_per_step=args.tokens_per_step, encoding=encoding, cache_dtype=args.cache_dtype,
+                             view_batch=args.view_batch)
+    pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
+    report = fit_folder(args.inputs, args.out, args.model, config, layer=args.layer, images_per_fit=args.batch,
+                        seed=args.seed, overwrite=args.overwrite, device=device, impl=args.impl, pretrained=pretrained)
+    print(f"fastsrt fit: {len(report.written)} written, {len(report.skipped)} already done (skipped), "
+          f"{len(report.failed)} failed -> {args.out}")
+    for path, reason in report.failed:
+        print(f"  failed: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _add_fit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="output folder: one <image stem>.safetensors per image")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
+    parser.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
+                        help="auto: pretrained weights when the network or cache has them, else random (default)")
+    parser.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1)")
+    parser.add_argument("--size", type=int, default=518, help="image and view side, a patch multiple (default: 518)")
+    parser.add_argument("--views", type=int, default=769, help="the full image + random crops (default: 769)")
+    parser.add_argument("--iterations", type=int, default=20000, help="fitting steps, half per phase (default: 20000)")
+    parser.add_argument("--tokens-per-step", type=int, default=2048, help="tokens sampled per step (default: 2048)")
+    parser.add_argument("--batch", type=int, default=1, help="images fitted together (default: 1)")
+    parser.add_argument("--levels", type=int, default=16, help="grid-encoding levels (default: 16)")
+    parser.add_argument("--features", type=int, default=8, help="features per level (default: 8)")
+    parser.add_argument("--log2-table-size", type=int, default=20, help="log2 table rows per level (default: 20)")
+    parser.add_argument("--base-resolution", type=int, default=16, help="coarsest level resolution (default: 16)")
+    parser.add_argument("--max-resolution", type=int, default=1024, help="finest level resolution (default: 1024)")
+    parser.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="precision of the cached raw tokens (default: float16)")
+    parser.add_argument("--view-batch", type=int, default=32, help="views per backbone forward (default: 32)")
+    parser.add_argument("--impl", choices=["auto", "extension", "reference"], default="auto", help="grid encoding")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsrt", description="Fine-grained, clean ViT features (SRT, DVT).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--no-png", action="store_true", help="skip the PCA pictures")
     _add_srt_options(extract, size=448)
     extract.set_defaults(run=run_extract)
+
+    fit = commands.add_parser("fit", help="DVT stage 1 on images or folders -> raw/clean/artifact safetensors; "
+                                          "shards under torchrun")
+    _add_fit_options(fit)
+    fit.set_defaults(run=run_fit)
     return parser
 
 

@@ -1,2 +1,5 @@
 """DVT, Denoising Vision Transformers (Yang et al., ECCV 2024): stage 1, the per-image
 neural-field decomposition; stage 2, the distilled one-block denoiser."""
+from fastsrt.dvt.decompose import DecomposeConfig, Decomposition, decompose
+from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode
+from fastsrt.dvt.runner import fit_folder, iter_pairs, load_pair

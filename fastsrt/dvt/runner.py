@@ -1,0 +1,148 @@
+"""DVT stage 1 over a data set: every image of a folder -> ``OUT/<image stem>.safetensors``.
+
+Each file holds float32 (C, K, K) tensors on the full image's K x K token grid:
+"raw" (the image's raw features), "clean" (F, the stage-2 target) and "artifact" (G), and
+metadata (format, model, layer, image_size, patch_size, grid, views, iterations, seed, source,
+source_size, final_loss, encoding). Stage 2 trains on the ("raw", "clean") pairs (``load_pair``,
+``iter_pairs``).
+
+The run never loses finished work: every file is written atomically, images whose file exists
+are skipped (resume), unreadable images are reported and skipped. Under torchrun each process
+takes the images ``rank::world_size`` of the sorted list (RANK and WORLD_SIZE from the
+environment), so the shards cover every image exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from fastsrt.dvt.decompose import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
+from fastsrt.io import ImageReadError, list_images, load_image, load_tensors, save_tensors
+
+FORMAT = "fastsrt.dvt.stage1/1"
+KEYS = ("raw", "clean", "artifact")
+
+
+@dataclass
+class FitReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """The given values, else the RANK and WORLD_SIZE environment variables torchrun sets, else 0 and 1."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def shard(paths: list, rank: int | None = None, world_size: int | None = None) -> list:
+    """This process's share of ``paths``: every world_size-th item from rank (see rank_and_world_size)."""
+    rank, world_size = rank_and_world_size(rank, world_size)
+    return paths[rank::world_size]
+
+
+def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfig | None = None, *, layer: int = -1,
+               images_per_fit: int = 1, seed: int = 0, overwrite: bool = False, device=None, impl: str = "auto",
+               patch_size: int | None = None, pretrained: bool | str = True, rank: int | None = None,
+               world_size: int | None = None, progress: bool = True) -> FitReport:
+    """DVT stage 1 on this shard's images of ``inputs`` (a folder or file, or a list of them),
+    ``images_per_fit`` images fitted together; writes ``out_dir/<stem>.safetensors`` (module doc)."""
+    config = config or DecomposeConfig()
+    if isinstance(images_per_fit, bool) or not isinstance(images_per_fit, int) or images_per_fit < 1:
+        raise ValueError(f"images_per_fit must be an int >= 1, got {images_per_fit!r}")
+    paths = list_images([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+    duplicates = sorted(stem for stem, count in Counter(p.stem for p in paths).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"several inputs share the name {duplicates[0]!r}; outputs are named by file stem")
+    rank, world_size = rank_and_world_size(rank, world_size)
+    paths = shard(paths, rank, world_size)
+    backbone = backbone_for(model, patch_size=patch_size, pretrained=pretrained)
+    if device is not None:
+        backbone = backbone.to(device)
+    out_dir = Path(out_dir)
+    metadata = {"format": FORMAT, "model": model if isinstance(model, str) else type(model).__name__, "layer": layer,
+                "image_size": config.size, "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size,
+                "views": config.views, "iterations": config.iterations, "seed": seed}
+    report = FitReport()
+    label = f"DVT stage 1 (rank {rank}/{world_size})" if world_size > 1 else "DVT stage 1"
+    bar = tqdm(total=len(paths), desc=label, unit="image", disable=not progress)
+
+    def fit_group(group: list[tuple[Path, torch.Tensor]]) -> None:
+        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seed, device=device)
+        results = fit_decomposition(features, config, seed=seed, impl=impl, progress=progress)
+        for (path, image), result in zip(group, results):
+            tensors = {key: getattr(result, key) for key in KEYS}
+            save_tensors(out_dir / f"{path.stem}.safetensors", tensors, {
+                **metadata, "source": str(path), "source_size": list(image.shape[-2:]),
+                "final_loss": result.final_loss, "encoding": result.encoding})
+            report.written.append(path)
+            bar.update()
+
+    group = []
+    for path in paths:
+        if (out_dir / f"{path.stem}.safetensors").exists() and not overwrite:
+            report.skipped.append(path)
+            bar.update()
+            continue
+        try:
+            group.append((path, load_image(path)))
+        except ImageReadError as error:
+            report.failed.append((path, str(error)))
+            tqdm.write(f"fastsrt: skipped: {error}")
+            bar.update()
+            continue
+        if len(group) == images_per_fit:
+            fit_group(group)
+            group = []
+    if group:
+        fit_group(group)
+    bar.close()
+    return report
+
+
+def load_fit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the metadata (JSON values decoded) of one runner output file."""
+    path = Path(path)
+    try:
+        tensors = load_tensors(path)
+        with safe_open(str(path), framework="pt") as handle:
+            raw_metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read DVT stage-1 file {str(path)!r}: {error}") from None
+    metadata = {}
+    for key, value in raw_metadata.items():
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return tensors, metadata
+
+
+def load_pair(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, clean), each float32 (C, K, K), from one runner output file."""
+    tensors, _ = load_fit(path)
+    missing = [key for key in ("raw", "clean") if key not in tensors]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a DVT stage-1 file: no tensor {missing[0]!r}")
+    raw, clean = tensors["raw"], tensors["clean"]
+    if raw.dim() != 3 or raw.shape != clean.shape:
+        raise ValueError(f"{str(path)!r}: raw {tuple(raw.shape)} and clean {tuple(clean.shape)} must be equal (C, K, K)")
+    return raw, clean
+
+
+def iter_pairs(folder: str | os.PathLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(raw, clean) of every ``*.safetensors`` file of a runner output folder, in name order."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        yield load_pair(path)

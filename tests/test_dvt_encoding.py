@@ -1,0 +1,190 @@
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+
+import fastsrt.dvt.encoding as encoding_module
+from fastsrt.dvt import extension as extension_module
+from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode, grid_encode_reference
+
+# 5 levels, resolutions 4, 8, 16, 32, 64 with 256 rows: two dense levels, three that hash
+MIXED = GridEncodingConfig(levels=5, features=3, log2_table_size=8, base_resolution=4, max_resolution=64)
+DENSE = GridEncodingConfig(levels=3, features=2, log2_table_size=16, base_resolution=3, max_resolution=20)
+PAPER = GridEncodingConfig()
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The compiled extension, built once per session (load_extension caches it)."""
+    module = extension_module.load_extension()
+    if module is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here: the extension cannot be built")
+    assert module is not None, "the extension failed to build (see the warning)"
+    return module
+
+
+def random_inputs(config, batch=2, points=300, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    coords = torch.rand(batch, points, 2, generator=generator, dtype=dtype)
+    table = torch.randn(batch, config.table_rows, config.features, generator=generator, dtype=dtype)
+    return coords, table
+
+
+def border_coords(config, batch=2):
+    """0, 1, every cell border of every level, and points just beside them."""
+    values = {0.0, 1.0}
+    for resolution in config.resolutions:
+        values.update(k / resolution for k in range(resolution + 1))
+    values = torch.tensor(sorted(values))
+    values = torch.cat([values, (values + 1e-7).clamp(max=1), (values - 1e-7).clamp(min=0)])
+    xs, ys = values, values.roll(7)  # pair borders with other borders
+    return torch.stack([xs, ys], -1).expand(batch, -1, -1).contiguous()
+
+
+def naive_encode(coords, table, config):
+    """Point by point in Python floats, straight from the definition in fastsrt/dvt/encoding.py."""
+    batch, points, _ = coords.shape
+    out = torch.zeros(batch, points, config.output_dim, dtype=torch.float64)
+    for b in range(batch):
+        for n in range(points):
+            x, y = coords[b, n].tolist()
+            offset = 0
+            for level, (resolution, rows) in enumerate(zip(config.resolutions, config.level_rows)):
+                cells = [min(max(int(c * resolution // 1), 0), resolution - 1) for c in (x, y)]
+                fx, fy = x * resolution - cells[0], y * resolution - cells[1]
+                for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+                    vx, vy = cells[0] + dx, cells[1] + dy
+                    if (resolution + 1) ** 2 <= rows:
+                        row = vy * (resolution + 1) + vx
+                    else:
+                        row = ((vx ^ (vy * 2654435761)) % 2**32) % rows
+                    weight = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
+                    features = slice(level * config.features, (level + 1) * config.features)
+                    out[b, n, features] += weight * table[b, offset + row].double()
+                offset += rows
+    return out
+
+
+def test_config_levels_match_the_paper():
+    assert PAPER.resolutions[0] == 16 and PAPER.resolutions[-1] == 1024 and len(PAPER.resolutions) == 16
+    assert PAPER.hashed == [False] * 15 + [True]  # only the finest level (1025^2 vertices) exceeds 2^20 rows
+    assert PAPER.output_dim == 128
+    assert PAPER.level_rows[-1] == 2**20 and PAPER.level_rows[0] == 17**2
+    assert MIXED.hashed == [False, False, True, True, True]
+    table = MIXED.level_table()
+    assert table[:, 1].tolist() == [0, 25, 106, 362, 618] and int(table[:, 2].sum()) == MIXED.table_rows
+
+
+@pytest.mark.parametrize("bad", [dict(levels=0), dict(levels=33), dict(features=1.5), dict(log2_table_size=31),
+                                 dict(base_resolution=64, max_resolution=32), dict(levels=True)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        GridEncodingConfig(**bad)
+
+
+@pytest.mark.parametrize("config", [MIXED, DENSE], ids=["mixed", "dense"])
+def test_reference_matches_the_definition(config):
+    coords, table = random_inputs(config, points=20, dtype=torch.float64)
+    coords[0, :4] = torch.tensor([[0, 0], [1, 1], [0, 1], [0.5, 0.25]], dtype=torch.float64)
+    assert rel_err(grid_encode_reference(coords, table, config), naive_encode(coords, table, config)) < 1e-12
+
+
+def test_reference_gradcheck_float64():
+    coords, table = random_inputs(MIXED, points=6, dtype=torch.float64)
+    coords.requires_grad_()
+    table.requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, t: grid_encode_reference(c, t, MIXED), (coords, table), fast_mode=True)
+
+
+@pytest.mark.parametrize("config", [MIXED, DENSE, PAPER], ids=["mixed", "dense", "paper"])
+def test_extension_forward_matches_reference(extension, config):
+    coords, table = random_inputs(config)
+    coords = torch.cat([coords, border_coords(config)], 1)
+    out = torch.full((2, coords.shape[1], config.output_dim), float("nan"))  # poisoned: unwritten elements show
+    extension.forward(coords, table, config.level_table(), out)
+    # the same float32 inputs (at resolution 1024 float32 itself limits the fraction to ~1e-5)
+    expected = grid_encode_reference(coords, table, config)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("config", [MIXED, DENSE], ids=["mixed", "dense"])
+@pytest.mark.parametrize("where", ["random", "borders"])
+def test_extension_backward_matches_reference(extension, config, where):
+    coords, table = random_inputs(config)
+    if where == "borders":
+        coords = border_coords(config)
+    grad_out = torch.randn(2, coords.shape[1], config.output_dim, generator=torch.Generator().manual_seed(1))
+    grad_table = torch.zeros_like(table)
+    grad_coords = torch.full_like(coords, float("nan"))  # poisoned: must be overwritten entirely
+    extension.backward(grad_out, coords, table, config.level_table(), grad_table, grad_coords)
+
+    # the reference in float32 picks the same cells as the extension at the borders
+    coords_ref, table_ref = coords.clone().requires_grad_(), table.clone().requires_grad_()
+    grid_encode_reference(coords_ref, table_ref, config).backward(grad_out)
+    assert rel_err(grad_table, table_ref.grad) <= 1e-6
+    assert torch.isfinite(grad_coords).all()
+    assert rel_err(grad_coords, coords_ref.grad) <= 1e-5
+
+
+def test_extension_autograd_function_float64_gradcheck(extension):
+    coords, table = random_inputs(MIXED, points=6, dtype=torch.float64)
+    coords.requires_grad_()
+    table.requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, t: grid_encode(c, t, MIXED, impl="extension"), (coords, table), fast_mode=True)
+
+
+def test_grid_encode_extension_equals_reference_through_autograd(extension):
+    coords, table = random_inputs(MIXED, points=500, seed=3)
+    results = []
+    for impl in ("extension", "reference"):
+        c, t = coords.clone().requires_grad_(), table.clone().requires_grad_()
+        out = grid_encode(c, t, MIXED, impl=impl)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), c.grad, t.grad))
+    for fast, reference in zip(*results):
+        assert rel_err(fast, reference) <= 1e-5
+
+
+def test_extension_rejects_bad_buffers(extension):
+    coords, table = random_inputs(MIXED)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        extension.forward(coords, table, MIXED.level_table(), torch.empty(2, 300, 7))
+    with pytest.raises(RuntimeError, match="rows"):
+        extension.forward(coords, table[:, :-1].contiguous(), MIXED.level_table(), torch.empty(2, 300, 15))
+
+
+def test_grid_encode_checks_inputs():
+    coords, table = random_inputs(MIXED)
+    with pytest.raises(ValueError, match="coords"):
+        grid_encode(coords[..., :1], table, MIXED)
+    with pytest.raises(ValueError, match="table must have shape"):
+        grid_encode(coords, table[:1], MIXED)
+    with pytest.raises(TypeError, match="dtype"):
+        grid_encode(coords.double(), table, MIXED)
+    with pytest.raises(ValueError, match="impl"):
+        grid_encode(coords, table, MIXED, impl="fast")
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="no C.. compiler") as record:
+        assert extension_module.load_extension.__wrapped__() is None
+    assert len(record) == 1
+
+    monkeypatch.setattr(encoding_module, "load_extension", lambda: None)
+    coords, table = random_inputs(MIXED, points=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = grid_encode(coords, table, MIXED)  # auto: the reference, silently (the loader already warned)
+    assert torch.equal(out, grid_encode_reference(coords, table, MIXED))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        grid_encode(coords, table, MIXED, impl="extension")
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("FASTSRT_NO_EXTENSION", "1")
+    with pytest.warns(UserWarning, match="FASTSRT_NO_EXTENSION"):
+        assert extension_module.load_extension.__wrapped__() is None
