@@ -95,14 +95,29 @@ class FusedViews:
         images = self.backbone.prepare(images)
         check_choice("padding", padding, PADDINGS)
         check_shifts_fit(shifts, *images.shape[-2:])
-        absolute = tuple(self.backbone.layer_indices(layers))
-        shifts = [tuple(pair) for pair in shifts]
-        if self.cuda_graph and images.is_cuda:
-            return self._replay(images, shifts, padding, absolute, return_prefix)
-        return self.run(images, shifts, padding, absolute, return_prefix)
+        return self.run(images, shifts, padding, self.backbone.layer_indices(layers), return_prefix)
 
-    def run(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool, shift_table=None) -> BackboneOutput:
-        """The un-graphed path on checked, patch-multiple images and absolute layer indices."""
+    def run(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool) -> BackboneOutput:
+        """``__call__`` without its checks: patch-multiple images, shifts that fit, absolute layer
+        indices. Replays a CUDA graph when asked for and possible."""
+        shifts, layers = [tuple(pair) for pair in shifts], tuple(layers)
+        if self.cuda_graph and images.is_cuda:
+            key = (tuple(images.shape), images.dtype, images.device, tuple(shifts), padding, layers, return_prefix)
+            if key not in self._graphs:
+                try:
+                    self._graphs[key] = self._capture(images, shifts, padding, layers, return_prefix)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except RuntimeError as error:  # something in the model that a graph cannot hold
+                    warn_once(f"CUDA-graph capture failed ({str(error).splitlines()[0][:120]}); running without graphs")
+                    self.cuda_graph = False
+                    self._graphs.clear()
+                    return self.eager(images, shifts, padding, layers, return_prefix)
+            return self._replay(self._graphs[key], images)
+        return self.eager(images, shifts, padding, layers, return_prefix)
+
+    def eager(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool, shift_table=None) -> BackboneOutput:
+        """The un-graphed path, inputs as for ``run``."""
         with precision(images.device, self.dtype):
             embeddings = self.embed(images, shifts, padding, shift_table)
             grid_size = (images.shape[-2] // self.backbone.patch_size, images.shape[-1] // self.backbone.patch_size)
@@ -152,11 +167,8 @@ class FusedViews:
         prefix = [normed[i][:, :prefix_count] for i in layers] if return_prefix else None
         return BackboneOutput(tokens=tokens, prefix=prefix)
 
-    def _replay(self, images, shifts, padding, layers, return_prefix) -> BackboneOutput:
-        key = (tuple(images.shape), images.dtype, images.device, tuple(shifts), padding, layers, return_prefix)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(images, shifts, padding, layers, return_prefix)
-        entry = self._graphs[key]
+    @staticmethod
+    def _replay(entry: _Graph, images: torch.Tensor) -> BackboneOutput:
         entry.images.copy_(images)
         entry.graph.replay()
         # the static outputs are overwritten by the next replay: hand out copies
@@ -170,7 +182,7 @@ class FusedViews:
         shift_table = torch.tensor(shifts, dtype=torch.int32, device=images.device)  # no host copy inside capture
 
         def views():
-            return self.run(static_images, shifts, padding, layers, return_prefix, shift_table)
+            return self.eager(static_images, shifts, padding, layers, return_prefix, shift_table)
 
         side = torch.cuda.Stream(images.device)
         side.wait_stream(torch.cuda.current_stream(images.device))
@@ -206,7 +218,8 @@ def auto_view_batch(run_views: Callable[[int], object], views: int, batch: int, 
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        run_views(count)
+        with torch.no_grad():
+            run_views(count)
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - before)
     per_image = max((peaks[1] - peaks[0]) / ((probe - 1) * batch), 1.0)

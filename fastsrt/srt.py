@@ -148,7 +148,7 @@ class SRT(nn.Module):
 
         def run_views(shifts: list[tuple[int, int]]):
             if fused:
-                return self.fused_views(images, shifts, self.padding, self.layers, prefix)
+                return self.fused_views.run(images, shifts, self.padding, self.layers, prefix)
             with precision(images.device, self.dtype):
                 return self.backbone(shift_images(images, shifts, self.padding), self.layers, return_prefix=prefix)
 
@@ -182,7 +182,7 @@ class SRT(nn.Module):
         key = (tuple(images.shape), images.dtype, images.device, fused, prefix)
         if key not in self._auto_view_batch:
             if fused:
-                probe = lambda n: self.fused_views.run(images, self.shifts[:n], self.padding, self.layers, prefix)  # noqa: E731
+                probe = lambda n: self.fused_views.eager(images, self.shifts[:n], self.padding, self.layers, prefix)  # noqa: E731
             else:
                 probe = lambda n: self.backbone(shift_images(images, self.shifts[:n], self.padding), self.layers, prefix)  # noqa: E731
             h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size

@@ -159,7 +159,7 @@ def test_cuda_graph_replays_equal_eager_for_new_images_and_auto_view_batch_fits(
             got = fused(images, SHIFTS, "zeros", [-1, 0], return_prefix=True)
             expected = backbone(shift_images(images, SHIFTS, "zeros"), [-1, 0], return_prefix=True)
             assert_outputs_close(got, expected, 1e-5)
-        views = auto_view_batch(lambda n: fused.run(images, SHIFTS[:n], "zeros", (1,), False), len(SHIFTS), 2,
+        views = auto_view_batch(lambda n: fused.eager(images, SHIFTS[:n], "zeros", (1,), False), len(SHIFTS), 2,
                                 1024, images.device)
     assert 2 <= views <= len(SHIFTS) * 2
 

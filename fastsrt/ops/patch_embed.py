@@ -166,12 +166,18 @@ def shift_patch_embed_triton(
     elif tuple(out.shape) != shape or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {shape} {out_dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     rows = out.shape[0] * h * w
-    # fixed tiles (Triton's interpreter cannot autotune); big ones in the interpreter, ~1 ms per program
-    block_m, block_n, block_k, warps = (64, 64, 64, 4) if INTERPRET else (128, 128, 32, 8)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
     # the multiply's operand type: the output's, except float32 in the interpreter, whose low-precision
     # tl.dot is wrong and whose casts to bfloat16 truncate instead of rounding (REFERENCE.md traps)
     operand = tl.float32 if INTERPRET else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[out_dtype]
+    # fixed tiles (the interpreter cannot autotune): big ones there (~1 ms per program); on sm_90 these
+    # compile without register spills (ptxas -v), tensor cores for 16-bit operands, FMA for float32
+    if INTERPRET:
+        block_m, block_n, block_k, warps = 64, 64, 64, 4
+    elif operand == tl.float32:
+        block_m, block_n, block_k, warps = 64, 128, 32, 8
+    else:
+        block_m, block_n, block_k, warps = 128, 128, 32, 8
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
     _shift_patch_embed_kernel[grid](
         images, shift_table, weight_matrix, bias if bias is not None else weight_matrix, out,
         batch, height, width, w, h * w, rows, weight_matrix.shape[1], dim,
