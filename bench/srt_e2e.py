@@ -209,7 +209,9 @@ def write_atomic(path: Path, text: str) -> None:
 def markdown(result: dict) -> str:
     lines = [
         f"# SRT end to end ({result['device']})", "",
-        f"- torch {result['torch']}, triton {result['triton']}, timm {result['timm']}, {result['threads']} CPU threads",
+        f"- torch {result['torch']}, triton {result['triton']}, timm {result['timm']}, {result['threads']} CPU threads, "
+        f"1-minute load average {result['load_average'][0]} at the start and {result['load_average'][1]} at the end "
+        f"(above the thread count, other processes shared the cores and the times are noisy)",
         f"- command: `{result['command']}`",
         f"- images {result['size']}x{result['size']}, random weights, warm-up {result['warmup']}, median of {result['reps']} calls",
         f"- {result['settings']}",
@@ -262,6 +264,7 @@ def main(argv=None) -> int:
         for m in models for k in views for b in batches for d in dtypes for i in args.impls
         if not (i == "authors" and d != "float32")  # the authors' loop is float32 only
     ]
+    load_before = os.getloadavg()[0]
     rows = []
     for spec in tqdm(specs, desc="srt_e2e rows"):
         rows.append(run_isolated(spec) if isolate else run_row(spec))
@@ -279,7 +282,8 @@ def main(argv=None) -> int:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
         torch=torch.__version__, triton=triton_version, timm=timm.__version__, threads=torch.get_num_threads(),
         command="python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        size=size, warmup=args.warmup, reps=reps, settings=settings, rows=rows,
+        size=size, warmup=args.warmup, reps=reps, settings=settings,
+        load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)], rows=rows,
     )
     name = f"srt_e2e-{device_slug(device)}"
     write_atomic(args.out_dir / f"{name}.json", json.dumps(result, indent=1) + "\n")

@@ -100,8 +100,8 @@ class SRT(nn.Module):
         self.view_batch = view_batch
         self.dtype = dtype
         self.impl_used: str | None = None
-        self.fused_unsupported = fused_views_unsupported(self.backbone)
-        self.fused_views = None if self.fused_unsupported else FusedViews(self.backbone, dtype, compile, cuda_graph)
+        self.compile, self.cuda_graph = compile, cuda_graph
+        self.fused_views: FusedViews | None = None  # made on first use
         self._auto_view_batch: dict[tuple, int] = {}
 
     @property
@@ -169,9 +169,12 @@ class SRT(nn.Module):
         if self.impl == "reference" or (self.impl == "auto" and not (images.is_cuda and triton is not None)):
             return False
         if self.fused_views is None:
-            if self.impl == "fused":
-                warn_once(f"impl='fused': {self.fused_unsupported}; its views run the reference path")
-            return False
+            unsupported = fused_views_unsupported(self.backbone)
+            if unsupported:
+                if self.impl == "fused":
+                    warn_once(f"impl='fused': {unsupported}; its views run the reference path")
+                return False
+            self.fused_views = FusedViews(self.backbone, self.dtype, self.compile, self.cuda_graph)
         return True
 
     def _view_batch(self, images: torch.Tensor, prefix: bool, fused: bool) -> int:

@@ -12,6 +12,7 @@ images nor the unfolded patches are ever stored. Output rows are view-major like
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -178,14 +179,14 @@ def shift_patch_embed_triton(
     else:
         block_m, block_n, block_k, warps = 128, 128, 32, 8
     grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
-    _shift_patch_embed_kernel[grid](
-        images, shift_table, weight_matrix, bias if bias is not None else weight_matrix, out,
-        batch, height, width, w, h * w, rows, weight_matrix.shape[1], dim,
-        *images.stride(), *weight_matrix.stride(),
-        PATCH=patch_size, PADDING=PADDINGS.index(padding), HAS_BIAS=bias is not None,
-        OPERAND=operand,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
+    with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+        _shift_patch_embed_kernel[grid](
+            images, shift_table, weight_matrix, bias if bias is not None else weight_matrix, out,
+            batch, height, width, w, h * w, rows, weight_matrix.shape[1], dim,
+            *images.stride(), *weight_matrix.stride(),
+            PATCH=patch_size, PADDING=PADDINGS.index(padding), HAS_BIAS=bias is not None, OPERAND=operand,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        )
     return out
 
 
