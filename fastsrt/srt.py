@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from fastsrt.backbone import Layers, as_backbone
+from fastsrt.backbone_fused import DTYPES, FusedViews, auto_view_batch, fused_views_unsupported, precision
 from fastsrt.checks import check_choice
+from fastsrt.ops.patch_embed import triton, warn_once
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
 from fastsrt.ops.warp_aggregate import OUTPUTS, REDUCES, UPSAMPLES, warp_aggregate_reference
 from fastsrt.views import as_shifts
@@ -48,8 +50,15 @@ class SRT(nn.Module):
         ignore_padding: False (paper) counts pixels a view does not cover as 0 and divides by the
             number of views; True reduces over the covering views only.
         output: "pixel" (B, C, H, W) or "token" (average-pooled to (B, C, H/p, W/p)).
-        impl: "auto", "reference" or "fused"; ``impl_used`` says what ran.
-        view_batch: images per backbone forward (views x batch), bounding memory.
+        impl: "auto", "reference" or "fused"; ``impl_used`` says what ran. "fused" makes the views'
+            patch embeddings with one kernel straight from the images (fastsrt.ops.patch_embed) and
+            runs the rest of the ViT from them (fastsrt.backbone_fused); "auto" picks it on CUDA.
+            Backbones it cannot run (not a timm VisionTransformer/Eva) use the reference views.
+        view_batch: images per backbone forward (views x batch), bounding memory; "auto" fits
+            the free GPU memory (measured on the first call per image size), 32 on CPU.
+        dtype: None/float32, or bfloat16/float16 for mixed precision (autocast) in the backbone.
+        compile: torch.compile the backbone blocks of the fused path.
+        cuda_graph: capture the fused path's backbone calls as CUDA graphs (fixed shapes, CUDA).
         pad_to_patch: pad image sides to a multiple of the patch instead of raising; pixel
             output is cropped back to the input size.
     """
@@ -65,10 +74,13 @@ class SRT(nn.Module):
         ignore_padding: bool = False,
         output: str = "pixel",
         impl: str = "auto",
-        view_batch: int = 32,
+        view_batch: int | str = "auto",
         patch_size: int | None = None,
         pad_to_patch: bool = False,
         pretrained: bool | str = True,
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         check_choice("upsample", upsample, UPSAMPLES)
@@ -76,8 +88,9 @@ class SRT(nn.Module):
         check_choice("reduce", reduce, REDUCES)
         check_choice("output", output, OUTPUTS)
         check_choice("impl", impl, IMPLS)
-        if view_batch < 1:
-            raise ValueError(f"view_batch must be >= 1, got {view_batch}")
+        check_choice("dtype", dtype, DTYPES)
+        if view_batch != "auto" and (isinstance(view_batch, bool) or not isinstance(view_batch, int) or view_batch < 1):
+            raise ValueError(f"view_batch must be an int >= 1 or 'auto', got {view_batch!r}")
         self.backbone = as_backbone(model, patch_size=patch_size, pretrained=pretrained, pad_to_patch=pad_to_patch)
         self.layers = self.backbone.layer_indices(layer)  # validates
         self.layer = layer
@@ -85,7 +98,11 @@ class SRT(nn.Module):
         self.upsample, self.padding, self.reduce = upsample, padding, reduce
         self.ignore_padding, self.output, self.impl = ignore_padding, output, impl
         self.view_batch = view_batch
+        self.dtype = dtype
         self.impl_used: str | None = None
+        self.compile, self.cuda_graph = compile, cuda_graph
+        self.fused_views: FusedViews | None = None  # made on first use
+        self._auto_view_batch: dict[tuple, int] = {}
 
     @property
     def patch_size(self) -> int:
@@ -102,10 +119,7 @@ class SRT(nn.Module):
         padded = self.backbone.prepare(images)  # validates images
         height, width = images.shape[-2:]
         check_shifts_fit(self.shifts, height, width)
-        if self.impl == "fused":
-            raise NotImplementedError("impl='fused' is not available yet; use impl='reference'")
         tokens, prefixes = self.view_tokens(padded, prefix)
-        self.impl_used = "reference"
         features, stds = [], []
         for layer_tokens in tokens:
             aggregate, deviation = warp_aggregate_reference(
@@ -127,16 +141,56 @@ class SRT(nn.Module):
 
     def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Backbone tokens of every view: per layer (K, B, C, h, w), and the prefix tokens per layer
-        (K, B, P, C) when asked for. Views go through the backbone ``view_batch`` images at a time."""
+        (K, B, P, C) when asked for. Views go through the backbone ``view_batch`` images at a time,
+        by the fused path (``impl``) or as shifted images; ``impl_used`` records which."""
+        fused = self._use_fused_views(images)
+        self.impl_used = "fused" if fused else "reference"
+
+        def run_views(shifts: list[tuple[int, int]]):
+            if fused:
+                return self.fused_views.run(images, shifts, self.padding, self.layers, prefix)
+            with precision(images.device, self.dtype):
+                return self.backbone(shift_images(images, shifts, self.padding), self.layers, return_prefix=prefix)
+
         batch = images.shape[0]
-        views_per_call = max(1, self.view_batch // batch)
+        views_per_call = max(1, self._view_batch(images, prefix, fused) // batch)
         tokens = [[] for _ in self.layers]
         prefixes = [[] for _ in self.layers]
         for start in range(0, len(self.shifts), views_per_call):
             shifts = self.shifts[start : start + views_per_call]
-            out = self.backbone(shift_images(images, shifts, self.padding), self.layers, return_prefix=prefix)
+            out = run_views(shifts)
             for i, layer_tokens in enumerate(out.tokens):
                 tokens[i].append(layer_tokens.unflatten(0, (len(shifts), batch)))
                 if prefix:
                     prefixes[i].append(out.prefix[i].unflatten(0, (len(shifts), batch)))
         return [torch.cat(t) for t in tokens], [torch.cat(p) for p in prefixes] if prefix else []
+
+    def _use_fused_views(self, images: torch.Tensor) -> bool:
+        if self.impl == "reference" or (self.impl == "auto" and not (images.is_cuda and triton is not None)):
+            return False
+        if self.fused_views is None:
+            unsupported = fused_views_unsupported(self.backbone)
+            if unsupported:
+                if self.impl == "fused":
+                    warn_once(f"impl='fused': {unsupported}; its views run the reference path")
+                return False
+            self.fused_views = FusedViews(self.backbone, self.dtype, self.compile, self.cuda_graph)
+        return True
+
+    def _view_batch(self, images: torch.Tensor, prefix: bool, fused: bool) -> int:
+        """``view_batch``, or for "auto" the images per call that fit the free GPU memory (measured
+        once per image shape, dtype and path)."""
+        if self.view_batch != "auto":
+            return self.view_batch
+        key = (tuple(images.shape), images.dtype, images.device, fused, prefix)
+        if key not in self._auto_view_batch:
+            if fused:
+                probe = lambda n: self.fused_views.eager(images, self.shifts[:n], self.padding, self.layers, prefix)  # noqa: E731
+            else:
+                probe = lambda n: self.backbone(shift_images(images, self.shifts[:n], self.padding), self.layers, prefix)  # noqa: E731
+            h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+            channels = getattr(self.backbone, "embed_dim", 1024)  # a callable's width is unknown: a generous guess
+            kept = 4 * len(self.layers) * channels * (h * w + self.backbone.num_prefix_tokens)  # float32 token grids
+            with precision(images.device, self.dtype):
+                self._auto_view_batch[key] = auto_view_batch(probe, len(self.shifts), images.shape[0], kept, images.device)
+        return self._auto_view_batch[key]

@@ -1,0 +1,169 @@
+"""The fused shift + patchify + patch-embedding kernel (Triton; TRITON_INTERPRET=1 without a GPU)
+against timm's own patch_embed on explicitly shifted images."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err, tiny_vit
+from timm.layers import PatchEmbed
+from torch import nn
+
+from fastsrt.ops import patch_embed as pe
+from fastsrt.ops.shift import shift_images
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# duplicates, a zero shift, shifts larger than a patch, negative ones
+SHIFTS = [(0, 0), (3, -5), (-17, 2), (3, -5), (0, 0), (9, 16)]
+MODELS = {14: "vit_small_patch14_dinov2", 16: "deit3_small_patch16_224"}
+
+
+def model_and_images(patch: int, batch: int = 2, grid=(3, 5), seed: int = 0):
+    model = tiny_vit(MODELS[patch], embed_dim=40, seed=seed).to(DEVICE)  # D = 40: not a multiple of the tile
+    images = torch.randn(batch, 3, grid[0] * patch, grid[1] * patch, device=DEVICE)
+    return model, images
+
+
+def run_kernel(images, model, padding, out_dtype):
+    """The kernel alone, writing into a NaN-poisoned buffer so that unwritten elements show."""
+    proj = model.patch_embed.proj
+    batch, _, height, width = images.shape
+    patch = proj.kernel_size[0]
+    out = torch.full((len(SHIFTS) * batch, height // patch, width // patch, proj.out_channels), float("nan"),
+                     device=images.device, dtype=out_dtype)
+    table = torch.tensor(SHIFTS, dtype=torch.int32, device=images.device)
+    pe.shift_patch_embed_triton(images, table, proj.weight, proj.bias, patch, padding, out_dtype, out=out)
+    return out
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+@pytest.mark.parametrize("padding", ["zeros", "replicate", "reflect"])
+def test_kernel_equals_model_patch_embed_float32(patch, padding):
+    model, images = model_and_images(patch)
+    with torch.no_grad():
+        expected = model.patch_embed(shift_images(images, SHIFTS, padding))  # (K*B, h, w, D): dynamic_img_size
+        got = run_kernel(images, model, padding, torch.float32)
+    assert got.shape == expected.shape == (len(SHIFTS) * 2, 3, 5, 40)
+    assert not got.isnan().any()
+    assert rel_err(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+@pytest.mark.parametrize("image_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_bfloat16_close_to_model_patch_embed(patch, padding, image_dtype):
+    model, images = model_and_images(patch, grid=(2, 3), seed=1)
+    with torch.no_grad():
+        expected = model.patch_embed(shift_images(images, SHIFTS, padding))
+        got = run_kernel(images.to(image_dtype), model, padding, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert rel_err(got, expected) <= 1e-2
+
+
+@pytest.mark.parametrize("padding", ["zeros", "replicate", "reflect"])
+def test_reference_is_the_conv_on_shifted_images_in_float64(padding):
+    model, images = model_and_images(14, grid=(2, 3))
+    proj = model.patch_embed.proj.double()
+    images = images.double()
+    got = pe.shift_patch_embed(images, SHIFTS, proj.weight, proj.bias, 14, padding, impl="reference")
+    expected = proj(shift_images(images, SHIFTS, padding)).permute(0, 2, 3, 1)
+    assert got.dtype == torch.float64
+    assert rel_err(got, expected) <= 1e-12
+
+
+def test_dispatcher_fused_equals_reference_without_bias_and_on_one_tiny_image():
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 14, 14, device=DEVICE)  # one token: every shift reaches the border
+    weight = torch.randn(24, 3, 14, 14, device=DEVICE)
+    shifts = [(13, -13), (-13, 13), (0, 0)]
+    for padding in ("zeros", "replicate", "reflect"):
+        fused = pe.shift_patch_embed(images, shifts, weight, None, 14, padding, impl="fused")
+        reference = pe.shift_patch_embed(images, shifts, weight, None, 14, padding, impl="reference")
+        assert rel_err(fused, reference) <= 1e-5
+
+
+def test_fused_without_a_runnable_device_warns_once_and_uses_the_reference(monkeypatch):
+    monkeypatch.setattr(pe, "INTERPRET", False)
+    monkeypatch.setattr(pe, "_warned", set())
+    torch.manual_seed(0)
+    images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
+    with pytest.warns(UserWarning, match="needs a CUDA tensor"):
+        first = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        second = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused")
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(weight=torch.randn(8, 3, 16, 16)), r"weight must have shape \(D, C, 14, 14\)"),
+        (dict(weight=torch.randn(8, 4, 14, 14)), "4 channels"),
+        (dict(bias=torch.randn(9)), r"bias must have shape \(8,\)"),
+        (dict(images=torch.randn(1, 3, 30, 28)), "30x28 is not a multiple of the patch size 14"),
+        (dict(images=torch.full((1, 3, 28, 28), float("nan"))), "NaN"),
+        (dict(images=torch.ones(1, 3, 28, 28, dtype=torch.int64)), "floating-point"),
+        (dict(shifts=[(28, 0)]), r"shift \(28, 0\)"),
+        (dict(shifts=[]), "at least one"),
+        (dict(padding="circular"), "padding='circular'"),
+        (dict(impl="cuda"), "impl='cuda'"),
+    ],
+)
+def test_bad_arguments_name_the_bad_value(change, message):
+    args = dict(images=torch.randn(1, 3, 28, 28), shifts=[(0, 0)], weight=torch.randn(8, 3, 14, 14),
+                bias=torch.randn(8), patch_size=14, padding="zeros", impl="fused")
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        pe.shift_patch_embed(**args)
+
+
+def test_out_buffer_of_the_wrong_shape_is_refused():
+    images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32, out=torch.empty(1, 2, 2, 8))
+
+
+def test_plain_conv_weights_accepts_timm_patch_embed_and_names_what_is_not_plain():
+    plain = PatchEmbed(img_size=28, patch_size=14, in_chans=3, embed_dim=8)
+    weight, bias = pe.plain_conv_weights(plain)
+    assert weight is plain.proj.weight and bias is plain.proj.bias
+    normed = PatchEmbed(img_size=28, patch_size=14, in_chans=3, embed_dim=8, norm_layer=nn.LayerNorm)
+    assert "LayerNorm after the projection" in pe.plain_conv_weights(normed)
+    overlapping = PatchEmbed(img_size=28, patch_size=14, in_chans=3, embed_dim=8)
+    overlapping.proj = nn.Conv2d(3, 8, 14, stride=7)
+    assert "not a plain strided convolution" in pe.plain_conv_weights(overlapping)
+    assert "not a plain timm PatchEmbed" in pe.plain_conv_weights(nn.Conv2d(3, 8, 14, stride=14))
+
+
+AOT_COMPILE = r"""
+import inspect, sys
+import fastsrt, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastsrt.ops.patch_embed import _shift_patch_embed_kernel as kernel
+names = list(inspect.signature(kernel.fn).parameters)
+for out, operand, tile in [("fp32", tl.float32, (64, 128, 32)), ("bf16", tl.bfloat16, (128, 128, 32))]:
+    signature = {"images_ptr": "*fp32", "shifts_ptr": "*i32", "weight_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*" + out}
+    signature.update({name: "i32" for name in names[5:19]})
+    constants = dict(PATCH=14, PADDING=2, HAS_BIAS=True, OPERAND=operand, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"], out
+    assert operand == tl.float32 or "mma" in compiled.asm["ptx"], "no tensor-core instruction for 16-bit operands"
+print("ok")
+"""
+
+
+def test_kernel_compiles_for_an_h100_without_a_gpu():
+    """The interpreter does not lower the kernel: compile it ahead of time for sm_90 (Triton's own
+    ptxas), float32 and bfloat16, as a GPU run would."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, env=environment, timeout=300)
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
