@@ -1,6 +1,7 @@
 """Reading images and writing results: image folders, model-ready tensors, atomic safetensors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -101,19 +102,26 @@ def save_png(path: str | os.PathLike, image: Image.Image) -> None:
         raise
 
 
-def save_json(path: str | os.PathLike, value) -> None:
-    """Writes ``value`` as indented JSON atomically (see save_tensors)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` in one
+    step, on failure it is removed: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(value, file, indent=2)
-            file.write("\n")
+        yield Path(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_json(path: str | os.PathLike, value) -> None:
+    """Writes ``value`` as indented JSON atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def load_metadata(path: str | os.PathLike) -> dict:

@@ -1,2 +1,5 @@
 """DVT, Denoising Vision Transformers (Yang et al., ECCV 2024): stage 1, the per-image
 neural-field decomposition; stage 2, the distilled one-block denoiser."""
+from fastsrt.dvt.denoiser import Denoiser
+from fastsrt.dvt.pipeline import DVT
+from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, TrainResult, denoiser_loss, train_denoiser
