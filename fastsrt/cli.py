@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -106,6 +107,8 @@ def run_train_denoiser(args) -> int:
     config = TrainConfig(**{name: value for name, value in options.items() if value is not None})  # None: default
     result = train_denoiser(source, args.out, config, device=args.device, resume=not args.restart,
                             stop_after=args.stop_after)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return 0
     if result.finished:
         print(f"fastsrt train-denoiser: {result.step} steps, final loss {result.losses[-1]:.4f} -> {args.out}")
     else:
