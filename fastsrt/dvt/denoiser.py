@@ -125,7 +125,8 @@ class Denoiser(nn.Module):
         """A copy trained-for ``grid``: the positional embedding resampled once, so that its forward
         at that grid is a plain addition (what a fixed-size ONNX / TensorRT export needs)."""
         grid = _pair(grid)
-        fixed = Denoiser(**{**self.config, "grid": grid}).to(next(self.parameters()).device)
+        parameter = next(self.parameters())
+        fixed = Denoiser(**{**self.config, "grid": grid}).to(parameter.device, parameter.dtype)
         state = self.state_dict()
         if self.pos_embed is not None:
             with torch.no_grad():
