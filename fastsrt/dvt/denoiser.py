@@ -122,7 +122,7 @@ class Denoiser(nn.Module):
         return x.transpose(1, 2).reshape(batch, channels, height, width)
 
     def at_grid(self, grid) -> Denoiser:
-        """A copy trained-for ``grid``: the positional embedding resampled once, so that its forward
+        """A copy whose trained grid is ``grid``: the positional embedding resampled once, so that its forward
         at that grid is a plain addition (what a fixed-size ONNX / TensorRT export needs)."""
         grid = _pair(grid)
         parameter = next(self.parameters())
