@@ -158,3 +158,17 @@ def test_tensorrt_matches_eager(denoiser, tmp_path, precision, tolerance):
                            cache_dir=tmp_path)
     assert os.stat(again.files["engine"]).st_mtime_ns == stamp  # served from the engine cache
     denoiser.to("cpu")
+
+
+def test_cli_export_of_vit_plus_denoiser(tmp_path, capsys):
+    torch.manual_seed(0)
+    den = Denoiser(384, grid=(2, 2), backbone=NAME)
+    path = den.save(tmp_path / "den.safetensors")
+    arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
+                 "--pretrained", "no", "--cache-dir", str(tmp_path / "cache"), "--repeat", "1"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "out" / "vit_small_patch14_dinov2-dvt-28-b1.onnx").is_file()
+    assert float(printed.split("relative error vs eager float32: ")[1].split(";")[0]) <= 1e-4
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--model", "vit_base_patch16_224"]) == 2
+    assert "not for vit_base_patch16_224" in capsys.readouterr().err
