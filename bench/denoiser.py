@@ -116,7 +116,7 @@ def run_row(spec: dict) -> dict:
     else:
         peak = peak_rss_kib() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # ru_maxrss: build too
         peak_mb = (peak - before) / 1024  # < 0 where the row freed memory (bf16 rows: fp32 weights replaced)
-    return {**{k: spec[k] for k in ("kind", "backend", "channels", "batch", "dtype")}, "ms": round(ms, 4),
+    return {**{k: spec[k] for k in ("kind", "backend", "device", "channels", "batch", "dtype")}, "ms": round(ms, 4),
             "images_per_s": round(batch / ms * 1000, 2), "peak_mem_mb": round(peak_mb, 1), "build_s": round(build_s, 2),
             "rel_err_vs_eager_fp32": float(f"{error:.2e}")}
 
@@ -132,21 +132,27 @@ def plan(device: torch.device, args) -> tuple[list[dict], list[str]]:
         backends += [("torch.compile+cudagraph", "fp32"), ("torch.compile+cudagraph", "bf16")]
     else:
         notes.append("CUDA graph rows need a GPU")
+    ort_device = "cpu"
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
-        if not on_gpu or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            backends.append(("onnxruntime", "fp32"))
-        else:
-            notes.append("onnxruntime has no CUDA execution provider here (onnxruntime-gpu not installed)")
+        backends.append(("onnxruntime", "fp32"))
+        if on_gpu and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            ort_device = "cuda"
+        elif on_gpu:
+            notes.append("onnxruntime rows run on the CPU: no CUDA execution provider here (onnxruntime-gpu not installed)")
     else:
         notes.append("onnxruntime is not installed")
     if on_gpu and importlib.util.find_spec("tensorrt") is not None:
         backends += [("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "bf16")]
     else:
         notes.append("TensorRT rows: " + ("TensorRT is not installed (pip install tensorrt)" if on_gpu else "TensorRT needs a CUDA GPU"))
-    common = {"device": str(device), "warmup": args.warmup, "repeats": args.repeats, "inner": args.inner}
-    rows = [{**common, "kind": "denoiser", "backend": b, "dtype": d, "channels": c, "batch": n}
+    common = {"warmup": args.warmup, "repeats": args.repeats, "inner": args.inner}
+
+    def where(backend):
+        return {"device": ort_device if backend == "onnxruntime" else str(device)}
+
+    rows = [{**common, **where(b), "kind": "denoiser", "backend": b, "dtype": d, "channels": c, "batch": n}
             for c in args.channels for n in args.batches for b, d in backends]
     e2e_backends = [(b, d) for b, d in backends if on_gpu or b != "torch.compile"]
     if not on_gpu:
@@ -154,7 +160,7 @@ def plan(device: torch.device, args) -> tuple[list[dict], list[str]]:
         notes.append("CPU peak memory counts what the build left resident (the torch.onnx exporter for onnxruntime "
                      "rows, inductor for torch.compile rows) on top of the runtime's own buffers; bf16 rows can be negative "
                      "(the fp32 weights they replace are freed)")
-    rows += [{**common, "kind": "vit+denoiser", "backend": b, "dtype": d, "channels": c, "batch": 1}
+    rows += [{**common, **where(b), "kind": "vit+denoiser", "backend": b, "dtype": d, "channels": c, "batch": 1}
              for c in args.e2e_channels for b, d in e2e_backends]
     return rows, notes
 
@@ -203,14 +209,15 @@ def markdown(result: dict) -> str:
              f"- shapes: tokens (B, C, {GRID}, {GRID}); end to end: images (B, 3, {GRID * 14}, {GRID * 14}) through "
              f"{', '.join(MODELS[c] for c in result['settings']['e2e_channels']) or '(none)'} (random weights) + denoiser",
              f"- settings: {result['settings']['note']}", ""]
-    lines += ["| what | backend | dtype | C | batch | ms | images/s | peak MiB | build s | rel. err vs eager fp32 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| what | backend | device | dtype | C | batch | ms | images/s | peak MiB | build s | rel. err vs eager fp32 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "ms" in r:
-            lines.append(f"| {r['kind']} | {r['backend']} | {r['dtype']} | {r['channels']} | {r['batch']} | {r['ms']:.3f} | "
+            lines.append(f"| {r['kind']} | {r['backend']} | {r['device']} | {r['dtype']} | {r['channels']} | {r['batch']} | {r['ms']:.3f} | "
                          f"{r['images_per_s']:.1f} | {r['peak_mem_mb']:.0f} | {r['build_s']:.1f} | {r['rel_err_vs_eager_fp32']:.1e} |")
         else:
-            lines.append(f"| {r['kind']} | {r['backend']} | {r['dtype']} | {r['channels']} | {r['batch']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['kind']} | {r['backend']} | {r['device']} | {r['dtype']} | {r['channels']} | {r['batch']} | "
+                         f"failed: {r['error']} | | | | |")
     lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
     if result["targets"]:
         lines += ["", "Targets (GPU: best batch-1 latency <= 0.3 ms and >= 5x eager fp32):"]
@@ -259,7 +266,7 @@ def main() -> int:
                   f"err {row['rel_err_vs_eager_fp32']:.1e}", flush=True)
         else:
             message = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            row = {k: spec[k] for k in ("kind", "backend", "channels", "batch", "dtype")} | {"error": message}
+            row = {k: spec[k] for k in ("kind", "backend", "device", "channels", "batch", "dtype")} | {"error": message}
             print(f"{label} failed: {message}", flush=True)
         results.append(row)
 
