@@ -3,10 +3,13 @@
     fastsrt demo                      SRT on a generated image; writes a PCA picture
     fastsrt extract IMAGES... --out DIR   raw + SRT features (safetensors) and pictures
     fastsrt fit IMAGES... --out DIR       DVT stage 1: (raw, clean, artifact) per image (safetensors)
+    fastsrt train-denoiser PAIRS_DIR --out CKPT   train the DVT denoiser (resumable, torchrun for DDP)
+    fastsrt export CKPT --out DIR         the denoiser (or ViT + denoiser) as ONNX / TensorRT engine
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -131,6 +134,91 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+def run_train_denoiser(args) -> int:
+    import torch
+
+    from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser
+
+    if args.srt_targets:
+        from fastsrt.backbone import Backbone
+        from fastsrt.srt import SRT
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
+        backbone = Backbone(args.model, pretrained=pretrained).eval().to(device)
+        srt = SRT(backbone, args.shifts, layer=args.layer, padding=args.padding, output="token", impl=args.impl,
+                  view_batch=args.view_batch)
+        source = SRTTargets(args.source, srt, size=args.size)
+    else:
+        source = PairFolder(args.source, target=args.target)
+    options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr,
+               "warmup": args.warmup, "weight_decay": args.weight_decay, "amp": args.amp, "num_blocks": args.blocks,
+               "seed": args.seed, "save_every": args.save_every, "num_workers": args.workers}
+    config = TrainConfig(**{name: value for name, value in options.items() if value is not None})  # None: default
+    result = train_denoiser(source, args.out, config, device=args.device, resume=not args.restart,
+                            stop_after=args.stop_after)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return 0
+    if result.finished:
+        print(f"fastsrt train-denoiser: {result.step} steps, final loss {result.losses[-1]:.4f} -> {args.out}")
+    else:
+        print(f"fastsrt train-denoiser: stopped at step {result.step} of {result.total_steps}; rerun to continue")
+    return 0
+
+
+def run_export(args) -> int:
+    import torch
+
+    from fastsrt.deploy import FixedSizePipeline, compile_module
+    from fastsrt.dvt.denoiser import Denoiser
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    denoiser = Denoiser.load(args.checkpoint, backbone=args.model)
+    if args.model:
+        from fastsrt.backbone import Backbone
+
+        pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
+        backbone = Backbone(args.model, pretrained=pretrained).eval()
+        size = args.image_size or denoiser.grid[0] * backbone.patch_size
+        module = FixedSizePipeline(backbone, denoiser, size)
+        input_shape, name = (3, *module.image_size), f"{args.model}-dvt-{size}"
+    else:
+        grid = tuple(args.grid) if args.grid else denoiser.grid
+        module = denoiser.at_grid(grid)
+        input_shape, name = (denoiser.dim, *grid), f"denoiser-{grid[0]}x{grid[1]}"
+    module = module.to(device).eval()
+    compiled = compile_module(module, input_shape, args.batch, args.backend, args.precision, device, args.cache_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, path in compiled.files.items():
+        target = out / f"{name}-b{args.batch}{'-' + args.precision if kind == 'engine' else ''}{path.suffix}"
+        target.write_bytes(path.read_bytes())
+        written.append(target)
+
+    inputs = torch.randn(args.batch, *input_shape, device=device)
+    with torch.no_grad():
+        expected = module(inputs)
+    actual = compiled(inputs)
+    error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    times = []
+    for _ in range(args.repeat + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        compiled(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    median_ms = sorted(times[3:])[len(times[3:]) // 2] * 1000
+    print(f"fastsrt export: backend {compiled.backend} ({compiled.why}), {args.precision}, input (B<={args.batch}, "
+          f"{', '.join(map(str, input_shape))}) on {device}")
+    print(f"  relative error vs eager float32: {error:.2e}; median {median_ms:.3f} ms per call at batch {args.batch}")
+    for path in written:
+        print(f"  wrote {path}")
+    if not written:
+        print("  (the torch backend compiles in the process that uses it; nothing to write)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +243,52 @@ def build_parser() -> argparse.ArgumentParser:
                                           "shards under torchrun")
     _add_fit_options(fit)
     fit.set_defaults(run=run_fit)
+    train = commands.add_parser("train-denoiser", help="train the DVT denoiser on stage-1 pairs or SRT targets")
+    train.add_argument("source", help="folder of stage-1 pair files (<stem>.safetensors), or of images with --srt-targets")
+    train.add_argument("--out", required=True, help="the denoiser to write (.safetensors; a .json config goes beside it)")
+    train.add_argument("--target", default="clean", help="target tensor in the pair files (default: %(default)s)")
+    train.add_argument("--srt-targets", action="store_true",
+                       help="SOURCE is an image folder: targets are SRT token features computed on the fly")
+    train.add_argument("--model", default=DEFAULT_MODEL, help="timm model for --srt-targets (default: %(default)s)")
+    train.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto")
+    train.add_argument("--shifts", type=int, default=3, help="SRT shift radius d (default: 3, 50 views)")
+    train.add_argument("--layer", type=int, default=-1, help="block index for --srt-targets (default: -1)")
+    train.add_argument("--padding", choices=["zeros", "replicate", "reflect"], default="zeros")
+    train.add_argument("--impl", choices=["auto", "reference", "fused"], default="auto")
+    train.add_argument("--view-batch", type=int, default=32)
+    train.add_argument("--size", type=int, default=None, help="image side for --srt-targets (default: 37 tokens)")
+    # None leaves TrainConfig's default (the paper's setting) in place
+    train.add_argument("--epochs", type=int, help="(default: 10, the paper's)")
+    train.add_argument("--batch-size", type=int, help="global batch over all processes (default: 64, the paper's)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 * sqrt(batch / 256))")
+    train.add_argument("--min-lr", type=float, help="end of the cosine schedule (default: 1e-6)")
+    train.add_argument("--warmup", type=float, help="linear warm-up, fraction of all steps (default: 0.15)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 1e-5)")
+    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
+                       help="mixed precision (default auto: bf16 on CUDA, none on the CPU)")
+    train.add_argument("--blocks", type=int, help="transformer blocks in the denoiser (default: 1)")
+    train.add_argument("--seed", type=int, help="(default: 0)")
+    train.add_argument("--save-every", type=int, help="steps between resumable training states (default: 200)")
+    train.add_argument("--workers", type=int, help="data-loading processes (default: 0)")
+    train.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in all (rerun continues)")
+    train.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
+    train.add_argument("--device", default=None)
+    train.set_defaults(run=run_train_denoiser)
+
+    export = commands.add_parser("export", help="compile the denoiser (or ViT + denoiser) for deployment")
+    export.add_argument("checkpoint", help="a denoiser checkpoint (fastsrt .safetensors or the authors' .pth)")
+    export.add_argument("--out", required=True, help="folder for the ONNX file (and TensorRT engine)")
+    export.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="token grid (default: the trained one)")
+    export.add_argument("--batch", type=int, default=1, help="largest batch (default: %(default)s)")
+    export.add_argument("--backend", choices=["auto", "tensorrt", "torch", "onnxruntime"], default="auto")
+    export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    export.add_argument("--model", default=None, help="timm model: export ViT + denoiser end to end")
+    export.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto")
+    export.add_argument("--image-size", type=int, default=None, help="with --model (default: the trained grid x patch)")
+    export.add_argument("--cache-dir", default=None, help="ONNX/engine cache (default: $FASTSRT_CACHE or ~/.cache/fastsrt)")
+    export.add_argument("--repeat", type=int, default=20, help="timed calls after the parity check (default: %(default)s)")
+    export.add_argument("--device", default=None)
+    export.set_defaults(run=run_export)
     return parser
 
 
@@ -163,7 +297,7 @@ def main(argv=None) -> int:
     warnings.formatwarning = lambda message, *rest, **kw: f"fastsrt: warning: {message}\n"
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as error:
         print(f"fastsrt: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Reading images and writing results: image folders, model-ready tensors, atomic safetensors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -98,3 +100,45 @@ def save_png(path: str | os.PathLike, image: Image.Image) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` in one
+    step, on failure it is removed: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: str | os.PathLike, value) -> None:
+    """Writes ``value`` as indented JSON atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def load_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a safetensors file, with the values save_tensors stored as JSON decoded
+    (a value that is not valid JSON is returned as the string it is)."""
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata() or {}
+    decoded = {}
+    for key, value in metadata.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header only."""
+    with safe_open(str(path), "pt") as file:
+        return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}

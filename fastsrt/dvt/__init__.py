@@ -3,3 +3,6 @@ neural-field decomposition; stage 2, the distilled one-block denoiser."""
 from fastsrt.dvt.decompose import DecomposeConfig, Decomposition, decompose
 from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode
 from fastsrt.dvt.runner import fit_folder, iter_pairs, load_pair
+from fastsrt.dvt.denoiser import Denoiser
+from fastsrt.dvt.pipeline import DVT
+from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, TrainResult, denoiser_loss, train_denoiser

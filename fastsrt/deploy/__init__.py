@@ -1,0 +1,20 @@
+"""Deployment of the DVT denoiser: ONNX export at a fixed grid, TensorRT engines (cached on disk),
+torch.compile + CUDA graphs, ONNX Runtime; ``compile`` picks the best backend available."""
+from fastsrt.deploy.cache import cache_key, default_cache_dir, module_hash
+from fastsrt.deploy.export import FixedSizePipeline, export_onnx, fixed_size_model
+from fastsrt.deploy.runtime import BACKENDS, CompiledModule, choose_backend, compile, compile_module, compile_pipeline
+
+__all__ = [
+    "BACKENDS",
+    "CompiledModule",
+    "FixedSizePipeline",
+    "cache_key",
+    "choose_backend",
+    "compile",
+    "compile_module",
+    "compile_pipeline",
+    "default_cache_dir",
+    "export_onnx",
+    "fixed_size_model",
+    "module_hash",
+]

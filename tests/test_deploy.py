@@ -1,0 +1,174 @@
+"""Deployment: ONNX export + ONNX Runtime vs eager, the ViT + denoiser path, the engine cache key,
+backend choice, input checks; TensorRT and CUDA graphs where a GPU (and TensorRT) are present."""
+import importlib.util
+import os
+
+import pytest
+import torch
+from conftest import rel_err, requires_cuda, tiny_vit
+
+import fastsrt
+from fastsrt import deploy
+from fastsrt.cli import main
+from fastsrt.deploy import cache_key, choose_backend, module_hash
+from fastsrt.dvt import Denoiser
+
+NAME = "vit_small_patch14_dinov2.lvd142m"
+requires_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                                       reason="TensorRT is not installed (pip install tensorrt; needs a CUDA GPU)")
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    torch.manual_seed(0)
+    den = Denoiser(128, grid=(4, 4), backbone=NAME).eval()
+    with torch.no_grad():
+        den.pos_embed.normal_()  # large, so that a wrong resampling shows
+    return den
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("deploy-cache")
+
+
+def test_onnxruntime_matches_eager_at_another_grid_and_batches(denoiser, cache):
+    compiled = deploy.compile(denoiser, grid=(3, 6), batch=4, backend="onnxruntime", cache_dir=cache)
+    assert compiled.backend == "onnxruntime" and compiled.files["onnx"].is_file()
+    for batch in (1, 4):
+        tokens = torch.randn(batch, 128, 3, 6)
+        with torch.no_grad():
+            expected = denoiser(tokens)  # eager resamples the positional embedding on the fly
+        assert rel_err(compiled(tokens), expected) <= 1e-4
+
+
+def test_vit_plus_denoiser_exports_at_a_fixed_image_size(denoiser, cache):
+    model = tiny_vit(embed_dim=128)
+    compiled = deploy.compile_pipeline(model, denoiser, (56, 84), batch=2, backend="onnxruntime", cache_dir=cache)
+    images = torch.randn(2, 3, 56, 84)
+    expected = fastsrt.DVT(model, denoiser)(images)
+    assert rel_err(compiled(images), expected) <= 1e-4
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        deploy.FixedSizePipeline(model, denoiser, 50)
+    with pytest.raises(ValueError, match="does not belong"):
+        deploy.FixedSizePipeline(tiny_vit(embed_dim=64), denoiser, 56)
+
+
+def test_compile_reuses_the_cached_export(denoiser, cache):
+    first = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=cache)
+    stamp = first.files["onnx"].stat().st_mtime_ns
+    again = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=cache)
+    assert again.files["onnx"] == first.files["onnx"] and again.files["onnx"].stat().st_mtime_ns == stamp
+
+
+def test_cache_key_follows_weights_shapes_precision_and_version(denoiser):
+    same = Denoiser(128, grid=(4, 4), backbone=NAME)
+    same.load_state_dict(denoiser.state_dict())
+    assert module_hash(same) == module_hash(denoiser)
+    changed = Denoiser(128, grid=(4, 4), backbone=NAME)
+    changed.load_state_dict(denoiser.state_dict())
+    with torch.no_grad():
+        changed.denoiser.mlp.fc2.bias[5] += 1e-3
+    assert module_hash(changed) != module_hash(denoiser)
+    heads = Denoiser(128, grid=(4, 4), num_heads=4, backbone=NAME)  # same weight shapes, other computation
+    heads.load_state_dict(denoiser.state_dict())
+    assert module_hash(heads) != module_hash(denoiser)
+
+    base = dict(weights=module_hash(denoiser), input_shape=(128, 4, 4), batch=(1, 8, 8), precision="fp16",
+                runtime="tensorrt-10.3.0", device="NVIDIA H100 sm90")
+    key = cache_key(**base)
+    assert key == cache_key(**base)
+    for field, value in [("weights", module_hash(changed)), ("input_shape", (128, 4, 5)), ("batch", (1, 16, 16)),
+                         ("precision", "bf16"), ("runtime", "tensorrt-10.4.0"), ("device", "NVIDIA H200 sm90")]:
+        assert cache_key(**{**base, field: value}) != key, field
+
+
+def test_backend_choice_and_messages():
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu, "fp32")[0] == "onnxruntime"
+    assert choose_backend("auto", cpu, "bf16")[0] == "torch"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        choose_backend("tensorrt", cpu, "fp32")
+    with pytest.raises(ValueError, match="fp32 only"):
+        choose_backend("onnxruntime", cpu, "fp16")
+    with pytest.raises(ValueError, match="backend"):
+        choose_backend("openvino", cpu, "fp32")
+    if importlib.util.find_spec("tensorrt") is None:  # on a GPU machine without TensorRT: one clear warning
+        with pytest.warns(UserWarning, match="pip install tensorrt"):
+            backend, why = choose_backend("auto", torch.device("cuda"), "fp32")
+        assert backend == "torch" and "not installed" in why
+        with pytest.raises(ImportError, match="pip install tensorrt"):
+            choose_backend("tensorrt", torch.device("cuda"), "fp32")
+
+
+def test_compiled_input_checks(denoiser, cache):
+    compiled = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="torch", cache_dir=cache)
+    tokens = torch.randn(2, 128, 4, 4)
+    with torch.no_grad():
+        assert rel_err(compiled(tokens), denoiser(tokens)) <= 1e-6
+    for bad in (torch.randn(2, 128, 4, 5), torch.randn(2, 64, 4, 4), torch.randn(3, 128, 4, 4), torch.randn(128, 4, 4)):
+        with pytest.raises(ValueError, match=r"takes \(B, 128, 4, 4\) with 1 <= B <= 2"):
+            compiled(bad)
+    with pytest.raises(TypeError):
+        compiled(tokens.long())
+
+
+def test_cli_export(denoiser, tmp_path, capsys):
+    path = denoiser.save(tmp_path / "den.safetensors")
+    arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--grid", "5", "5", "--batch", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--repeat", "2"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "backend onnxruntime" in printed and (tmp_path / "out" / "denoiser-5x5-b2.onnx").is_file()
+    error = float(printed.split("relative error vs eager float32: ")[1].split(";")[0])
+    assert error <= 1e-4
+    assert main(arguments + ["--backend", "tensorrt", "--device", "cpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@requires_cuda
+def test_torch_backend_cuda_graph_matches_eager(denoiser, cache):
+    den = denoiser.to("cuda")
+    compiled = deploy.compile(den, grid=(4, 4), batch=4, backend="torch", device="cuda", cache_dir=cache)
+    for batch in (4, 1):
+        tokens = torch.randn(batch, 128, 4, 4, device="cuda")
+        with torch.no_grad():
+            assert rel_err(compiled(tokens), den(tokens)) <= 1e-4
+    compiled = deploy.compile(den, grid=(4, 4), batch=2, backend="torch", precision="bf16", device="cuda")
+    tokens = torch.randn(2, 128, 4, 4, device="cuda")
+    with torch.no_grad():
+        assert rel_err(compiled(tokens), den(tokens)) <= 2e-2
+    denoiser.to("cpu")
+
+
+@requires_cuda
+@requires_tensorrt
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("bf16", 3e-2)])
+def test_tensorrt_matches_eager(denoiser, tmp_path, precision, tolerance):
+    den = denoiser.to("cuda")
+    compiled = deploy.compile(den, grid=(4, 4), batch=4, backend="tensorrt", precision=precision, device="cuda",
+                              cache_dir=tmp_path)
+    assert compiled.files["engine"].is_file()
+    for batch in (1, 3):
+        tokens = torch.randn(batch, 128, 4, 4, device="cuda")
+        with torch.no_grad():
+            assert rel_err(compiled(tokens), den(tokens)) <= tolerance
+    stamp = os.stat(compiled.files["engine"]).st_mtime_ns
+    again = deploy.compile(den, grid=(4, 4), batch=4, backend="tensorrt", precision=precision, device="cuda",
+                           cache_dir=tmp_path)
+    assert os.stat(again.files["engine"]).st_mtime_ns == stamp  # served from the engine cache
+    denoiser.to("cpu")
+
+
+def test_cli_export_of_vit_plus_denoiser(tmp_path, capsys):
+    torch.manual_seed(0)
+    den = Denoiser(384, grid=(2, 2), backbone=NAME)
+    path = den.save(tmp_path / "den.safetensors")
+    arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
+                 "--pretrained", "no", "--cache-dir", str(tmp_path / "cache"), "--repeat", "1"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "out" / "vit_small_patch14_dinov2-dvt-28-b1.onnx").is_file()
+    assert float(printed.split("relative error vs eager float32: ")[1].split(";")[0]) <= 1e-4
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--model", "vit_base_patch16_224"]) == 2
+    assert "not for vit_base_patch16_224" in capsys.readouterr().err
