@@ -14,10 +14,8 @@ from torch import nn
 from fastsrt.backbone import Layers, as_backbone
 from fastsrt.checks import check_choice
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
-from fastsrt.ops.warp_aggregate import OUTPUTS, REDUCES, UPSAMPLES, warp_aggregate_reference
+from fastsrt.ops.warp_aggregate import IMPLS, OUTPUTS, REDUCES, UPSAMPLES, warp_aggregate
 from fastsrt.views import as_shifts
-
-IMPLS = ("auto", "reference", "fused")
 
 
 @dataclass
@@ -48,7 +46,9 @@ class SRT(nn.Module):
         ignore_padding: False (paper) counts pixels a view does not cover as 0 and divides by the
             number of views; True reduces over the covering views only.
         output: "pixel" (B, C, H, W) or "token" (average-pooled to (B, C, H/p, W/p)).
-        impl: "auto", "reference" or "fused"; ``impl_used`` says what ran.
+        impl: how views are aggregated (fastsrt.ops.warp_aggregate): "auto" (the fused Triton
+            kernel on CUDA, the chunked torch path on CPU), "reference", "fused" or "chunked";
+            ``impl_used`` says what ran (a missing Triton/GPU falls back to "chunked", warning once).
         view_batch: images per backbone forward (views x batch), bounding memory.
         pad_to_patch: pad image sides to a multiple of the patch instead of raising; pixel
             output is cropped back to the input size.
@@ -102,15 +102,12 @@ class SRT(nn.Module):
         padded = self.backbone.prepare(images)  # validates images
         height, width = images.shape[-2:]
         check_shifts_fit(self.shifts, height, width)
-        if self.impl == "fused":
-            raise NotImplementedError("impl='fused' is not available yet; use impl='reference'")
         tokens, prefixes = self.view_tokens(padded, prefix)
-        self.impl_used = "reference"
         features, stds = [], []
         for layer_tokens in tokens:
-            aggregate, deviation = warp_aggregate_reference(
+            aggregate, deviation, self.impl_used = warp_aggregate(
                 layer_tokens, self.shifts, self.patch_size, self.upsample, self.reduce,
-                self.ignore_padding, self.output, return_std=std,
+                self.ignore_padding, self.output, return_std=std, impl=self.impl,
             )
             if self.output == "pixel":  # drop the padding of pad_to_patch
                 aggregate = aggregate[..., :height, :width]

@@ -12,12 +12,25 @@ count, like torch.median). The optional standard deviation is the population one
 count) around the mean, over the same values. ``output="token"`` average-pools the result with
 kernel = stride = p, as the authors do.
 
-This reference materialises every warped view (K x B x C x H x W); it defines the semantics
-that the memory-efficient paths are tested against.
+Three implementations with the same signature, and a dispatcher:
+- ``warp_aggregate_reference``: plain torch, materialises every warped view (K x B x C x H x W);
+  it defines the semantics that the two fast paths are tested against.
+- ``warp_aggregate_chunked``: torch, any device, never holds all views: the mean is separable
+  (horizontal sampling per view, summed over the views sharing a vertical shift, then one vertical
+  sampling per distinct dy); median and std gather the K values of one chunk of channels and rows
+  at a time.
+- ``warp_aggregate_fused``: Triton kernels that read the token grids and write only the output
+  (the same grouped mean; median/std on a register tile of the K values per pixel).
+``warp_aggregate(..., impl="auto")`` picks the fused kernels for CUDA tensors and the chunked path
+otherwise, and returns which one ran.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
+from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +40,17 @@ from fastsrt.checks import check_choice
 UPSAMPLES = ("nearest", "bilinear")
 REDUCES = ("mean", "median")
 OUTPUTS = ("pixel", "token")
+IMPLS = ("auto", "reference", "fused", "chunked")
 
 
 def check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output) -> None:
     check_choice("upsample", upsample, UPSAMPLES)
     check_choice("reduce", reduce, REDUCES)
     check_choice("output", output, OUTPUTS)
-    if tokens.dim() != 5:
-        raise ValueError(f"tokens must have shape (K, B, C, h, w), got {tuple(tokens.shape)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 5:
+        raise ValueError(f"tokens must be a tensor of shape (K, B, C, h, w), got {getattr(tokens, 'shape', type(tokens))}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"tokens must be a floating-point tensor, got dtype {tokens.dtype}")
     if len(shifts) != tokens.shape[0]:
         raise ValueError(f"{len(shifts)} shifts for {tokens.shape[0]} views")
     if patch_size < 1:
@@ -101,3 +117,496 @@ def warp_aggregate_reference(
         result = F.avg_pool2d(result, patch_size)
         std = F.avg_pool2d(std, patch_size) if std is not None else None
     return result.to(tokens.dtype), (std.to(tokens.dtype) if std is not None else None)
+
+
+def _empty_output(shape: tuple[int, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output buffer (the fast paths write every element; tests poison it)."""
+    return torch.empty(shape, dtype=tokens.dtype, device=tokens.device)
+
+
+def _output_shape(tokens: torch.Tensor, patch_size: int, output: str) -> tuple[int, int, int, int]:
+    _, batch, channels, h, w = tokens.shape
+    scale = 1 if output == "token" else patch_size
+    return batch, channels, h * scale, w * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked torch path: any device, memory independent of the number of views.
+
+# elements of the largest tensor one chunk works on (64 MiB in float32); its temporaries are a
+# small multiple of it
+CHUNK_ELEMENTS = 1 << 24
+
+Taps = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def axis_sampling(n_tokens: int, patch_size: int, shift: int, mode: str, dtype: torch.dtype, device) -> tuple[Taps, torch.Tensor]:
+    """One axis of W_k: for every output position i in [0, p*n), upsample(tokens)(i + shift) as
+    taps [(token index, weight)] (one for nearest, two for bilinear), weights 0 out of frame, and
+    the inside mask. Bilinear follows F.interpolate(align_corners=False, scale_factor=p): source
+    coordinate (i + 0.5) / p - 0.5 clamped at 0, the upper neighbour clamped at n - 1."""
+    size = patch_size * n_tokens
+    source = torch.arange(size, device=device) + shift
+    inside = (source >= 0) & (source < size)
+    if mode == "nearest":
+        return [(source.clamp(0, size - 1) // patch_size, inside.to(dtype))], inside
+    scale = torch.tensor(1 / patch_size, dtype=dtype)  # PyTorch multiplies by the rounded 1/p
+    real = ((source.to(dtype) + 0.5) * scale - 0.5).clamp(min=0)
+    first = real.long().clamp(max=n_tokens - 1)  # truncation = floor for real >= 0
+    weight_second = (real - first.to(dtype)) * inside
+    weight_first = (1 - (real - first.to(dtype))) * inside
+    return [(first, weight_first), ((first + 1).clamp(max=n_tokens - 1), weight_second)], inside
+
+
+def sample_along(values: torch.Tensor, taps: Taps, dim: int) -> torch.Tensor:
+    """sum over taps of values[..., index, ...] * weight along dim (-1 or -2)."""
+    result = None
+    for index, weight in taps:
+        term = values.index_select(dim, index).mul_(weight if dim == -1 else weight[:, None])
+        result = term if result is None else result.add_(term)
+    return result
+
+
+def warp_aggregate_chunked(
+    tokens: torch.Tensor,
+    shifts: Sequence[tuple[int, int]],
+    patch_size: int,
+    upsample: str = "nearest",
+    reduce: str = "mean",
+    ignore_padding: bool = False,
+    output: str = "pixel",
+    return_std: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as ``warp_aggregate_reference``, one chunk of channels (and rows) at a time.
+
+    W_k is separable: W_k(y, x) = sum_i sum_j a_k(y, i) b_k(x, j) T_k(i, j), with a_k, b_k the
+    one-axis sampling weights of ``axis_sampling`` (0 out of frame). The mean (no std) sums
+    b_k-sampled token rows over the views that share a dy, then applies each distinct a once:
+    per output element about (distinct dy) + K/p operations instead of K. Median and std gather
+    the K values of a chunk and reduce them (torch.median / nanmedian: the lower middle)."""
+    check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
+    views, batch, channels, h, w = tokens.shape
+    height, width, p = patch_size * h, patch_size * w, patch_size
+    compute = torch.promote_types(tokens.dtype, torch.float32)
+    rows = {dy: axis_sampling(h, p, dy, upsample, compute, tokens.device) for dy in {dy for dy, _ in shifts}}
+    cols = {dx: axis_sampling(w, p, dx, upsample, compute, tokens.device) for dx in {dx for _, dx in shifts}}
+    result = _empty_output(_output_shape(tokens, p, output), tokens)
+    std = _empty_output(result.shape, tokens) if return_std else None
+
+    planes = tokens.flatten(1, 2)  # (K, B*C, h, w)
+    pool = (lambda pixels: F.avg_pool2d(pixels, p)) if output == "token" else (lambda pixels: pixels)
+    outputs = [result.flatten(0, 1)] + ([std.flatten(0, 1)] if return_std else [])
+    grouped_mean = reduce == "mean" and not return_std
+    # rows per chunk: all of them for the grouped mean; else whole token rows for the pooling
+    row_step = height if grouped_mean else max(p, CHUNK_ELEMENTS // (views * width) // p * p)
+    per_plane = width * min(row_step, height) * (1 if grouped_mean else views)
+    plane_step = max(1, CHUNK_ELEMENTS // per_plane)
+    for start in range(0, batch * channels, plane_step):
+        chunk = planes[:, start : start + plane_step].to(compute)
+        for top in range(0, height, row_step):
+            bottom = min(top + row_step, height)
+            if grouped_mean:
+                pieces = [_grouped_mean(chunk, shifts, rows, cols, ignore_padding)]
+            else:
+                pieces = _reduce_views(chunk, shifts, rows, cols, top, bottom, reduce, ignore_padding, return_std)
+            scale = p if output == "token" else 1
+            for out, piece in zip(outputs, pieces):
+                out[start : start + plane_step, top // scale : bottom // scale] = pool(piece)
+    return result, std
+
+
+def _grouped_mean(chunk: torch.Tensor, shifts, rows: dict, cols: dict, ignore_padding: bool) -> torch.Tensor:
+    """The mean over views of a chunk (K, n, h, w) -> (n, H, W)."""
+    by_dy: dict[int, list[int]] = {}
+    for k, (dy, _) in enumerate(shifts):
+        by_dy.setdefault(dy, []).append(k)
+    total = None
+    for dy, members in by_dy.items():
+        sampled_rows = sample_along(chunk[members[0]], cols[shifts[members[0]][1]][0], -1)  # (n, h, W)
+        for k in members[1:]:
+            sampled_rows += sample_along(chunk[k], cols[shifts[k][1]][0], -1)
+        term = sample_along(sampled_rows, rows[dy][0], -2)
+        total = term if total is None else total.add_(term)
+    if not ignore_padding:
+        return total.div_(len(shifts))
+    return total.div_(_coverage(shifts, rows, cols).clamp_(min=1))
+
+
+def _coverage(shifts, rows: dict, cols: dict, top: int = 0, bottom: int | None = None) -> torch.Tensor:
+    """(bottom - top, W): the number of views whose frame covers each output pixel."""
+    rows_inside = torch.stack([rows[dy][1][top:bottom] for dy, _ in shifts]).float()
+    cols_inside = torch.stack([cols[dx][1] for _, dx in shifts]).float()
+    return rows_inside.T @ cols_inside  # exact: small integers in float32
+
+
+def _reduce_views(chunk: torch.Tensor, shifts, rows: dict, cols: dict, top: int, bottom: int,
+                  reduce: str, ignore_padding: bool, return_std: bool) -> list[torch.Tensor]:
+    """Output rows [top, bottom) of a chunk (K, n, h, w): [aggregate] or [aggregate, std], each
+    (n, bottom - top, W). Holds the K sampled values of the chunk (K, n, bottom - top, W)."""
+    views, planes = chunk.shape[:2]
+    values = chunk.new_empty((views, planes, bottom - top, cols[shifts[0][1]][1].numel()))
+    for k, (dy, dx) in enumerate(shifts):
+        row_taps = [(index[top:bottom], weight[top:bottom]) for index, weight in rows[dy][0]]
+        first = min(int(index.min()) for index, _ in row_taps)  # only the token rows these rows read
+        last = max(int(index.max()) for index, _ in row_taps)
+        sampled_rows = sample_along(chunk[k, :, first : last + 1], cols[dx][0], -1)
+        values[k] = sample_along(sampled_rows, [(index - first, weight) for index, weight in row_taps], -2)
+
+    if ignore_padding:
+        inside = torch.stack([rows[dy][1][top:bottom, None] & cols[dx][1][None, :] for dy, dx in shifts])[:, None]
+        count = _coverage(shifts, rows, cols, top, bottom)
+    else:
+        count = torch.full((), views, dtype=values.dtype, device=values.device)
+    mean = values.sum(0).div_(count.clamp(min=1))  # out-of-frame values are 0
+    pieces = [mean]
+    if return_std:
+        deviation = values - mean
+        if ignore_padding:
+            deviation.masked_fill_(~inside, 0)
+        pieces.append(deviation.square_().sum(0).div_(count.clamp(min=1)).sqrt_())
+    if reduce == "median":
+        if ignore_padding:  # nanmedian: the lower middle of the values inside; NaN where none is
+            median = values.masked_fill_(~inside, float("nan")).nanmedian(0).values
+            pieces[0] = median.masked_fill_(count == 0, 0)
+        else:
+            pieces[0] = values.median(0).values
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused Triton path. The kernels below are plain functions until ``_load_triton`` JIT-compiles
+# them on first use: importing fastsrt never needs Triton, and TRITON_INTERPRET=1 (CPU tensors)
+# is honoured whenever it is set before the first fused call.
+
+tl = None  # triton.language, bound by _load_triton
+_TRITON_FUNCTIONS = ("_axis_taps", "_sample_token_row", "_lower_middle", "_grouped_mean_kernel", "_per_pixel_kernel")
+_SELECT_MAX_VIEWS = 16  # up to this many (padded) views the median is a rank selection, above it a sort
+
+
+@cache
+def _load_triton():
+    """Imports Triton and JIT-wraps this file's kernels once; raises if Triton cannot be imported."""
+    global tl
+    import triton
+    import triton.language as language
+
+    tl = language
+    for name in _TRITON_FUNCTIONS:
+        globals()[name] = triton.jit(globals()[name])
+    return triton
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _axis_taps(pos, shift, patch, n_tokens, BILINEAR: tl.constexpr, ACC: tl.constexpr):
+    """Triton twin of ``axis_sampling`` at positions ``pos``: (first, second, w_first, w_second,
+    inside); indices are clamped into [0, n_tokens) so every load is in bounds."""
+    source = pos + shift
+    inside = (source >= 0) & (source < patch * n_tokens)
+    if BILINEAR:
+        real = (source.to(ACC) + 0.5) * (tl.full((), 1.0, ACC) / patch) - 0.5
+        real = tl.maximum(real, 0.0)
+        first = tl.minimum(real.to(tl.int32), n_tokens - 1)  # truncation = floor for real >= 0
+        lam = real - first.to(ACC)
+        second = tl.minimum(first + 1, n_tokens - 1)
+        w_first = tl.where(inside, 1.0 - lam, 0.0)
+        w_second = tl.where(inside, lam, 0.0)
+    else:
+        first = tl.minimum(tl.maximum(source, 0) // patch, n_tokens - 1)
+        second = first
+        w_first = tl.where(inside, 1.0, 0.0).to(ACC)
+        w_second = tl.zeros_like(w_first)
+    return first, second, w_first, w_second, inside
+
+
+def _sample_token_row(view_ptr, row, h, w, first, second, w_first, w_second, mask, BILINEAR: tl.constexpr, ACC: tl.constexpr):
+    """Horizontal sampling of token row ``row`` of one view: [N] values (0 where row >= h)."""
+    ok = mask & (row < h)
+    row_ptr = view_ptr + row * w
+    value = w_first * tl.load(row_ptr + first, mask=ok, other=0.0).to(ACC)
+    if BILINEAR:
+        value += w_second * tl.load(row_ptr + second, mask=ok, other=0.0).to(ACC)
+    return value
+
+
+def _grouped_mean_kernel(
+    tokens_ptr, out_ptr, order_ptr, dx_ptr, group_dy_ptr, group_start_ptr,
+    groups, views, planes, h, w, patch, view_stride,
+    IGNORE_PADDING: tl.constexpr, BILINEAR: tl.constexpr, TOKEN_OUTPUT: tl.constexpr,
+    BLOCK_C: tl.constexpr, P_PAD: tl.constexpr, TOKENS_W: tl.constexpr, ACC: tl.constexpr,
+):
+    """Mean over views for BLOCK_C (b, c) planes, one token row and TOKENS_W token columns: a tile
+    [BLOCK_C, P_PAD rows, TOKENS_W * P_PAD columns] (p padded to a power of two). Views come
+    sorted by dy and grouped; for each group, its views' horizontally sampled token rows are
+    summed (p consecutive output rows read only token rows base, base+1, base+2), then weighted
+    vertically once per group: the separable form of ``warp_aggregate_chunked``."""
+    plane = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
+    token_row = tl.program_id(1)
+    a = tl.arange(0, P_PAD)
+    n = tl.arange(0, TOKENS_W * P_PAD)[None, :]
+    token_col = tl.program_id(2) * TOKENS_W + n // P_PAD
+    row_ok = a < patch
+    col_ok = (n % P_PAD < patch) & (token_col < w) & (plane < planes)  # [BLOCK_C, N]
+    y = token_row * patch + a
+    x = token_col * patch + n % P_PAD
+    plane_ptr = tokens_ptr + plane.to(tl.int64) * h * w
+
+    total = tl.zeros([BLOCK_C, P_PAD, TOKENS_W * P_PAD], ACC)
+    count = tl.zeros([1, P_PAD, TOKENS_W * P_PAD], ACC)
+    for g in range(groups):
+        dy = tl.load(group_dy_ptr + g)
+        r_first, r_second, wr_first, wr_second, r_inside = _axis_taps(y, dy, patch, h, BILINEAR, ACC)
+        base = tl.min(tl.where(row_ok, r_first, h), axis=0)
+        row0 = tl.zeros([BLOCK_C, TOKENS_W * P_PAD], ACC)
+        row1 = tl.zeros([BLOCK_C, TOKENS_W * P_PAD], ACC)
+        row2 = tl.zeros([BLOCK_C, TOKENS_W * P_PAD], ACC)
+        covering = tl.zeros([1, TOKENS_W * P_PAD], ACC)
+        for i in range(tl.load(group_start_ptr + g), tl.load(group_start_ptr + g + 1)):
+            view_ptr = plane_ptr + tl.load(order_ptr + i).to(tl.int64) * view_stride
+            c_first, c_second, wc_first, wc_second, c_inside = _axis_taps(x, tl.load(dx_ptr + i), patch, w, BILINEAR, ACC)
+            row0 += _sample_token_row(view_ptr, base, h, w, c_first, c_second, wc_first, wc_second, col_ok, BILINEAR, ACC)
+            row1 += _sample_token_row(view_ptr, base + 1, h, w, c_first, c_second, wc_first, wc_second, col_ok, BILINEAR, ACC)
+            if BILINEAR:
+                row2 += _sample_token_row(view_ptr, base + 2, h, w, c_first, c_second, wc_first, wc_second, col_ok, BILINEAR, ACC)
+            if IGNORE_PADDING:
+                covering += c_inside.to(ACC)
+        # vertical weights of token rows base + s for each output row (both taps may hit one row)
+        wy0 = tl.where(r_first == base, wr_first, 0.0) + tl.where(r_second == base, wr_second, 0.0)
+        wy1 = tl.where(r_first == base + 1, wr_first, 0.0) + tl.where(r_second == base + 1, wr_second, 0.0)
+        total += wy0[None, :, None] * row0[:, None, :] + wy1[None, :, None] * row1[:, None, :]
+        if BILINEAR:
+            wy2 = tl.where(r_second == base + 2, wr_second, 0.0)
+            total += wy2[None, :, None] * row2[:, None, :]
+        if IGNORE_PADDING:
+            count += r_inside.to(ACC)[None, :, None] * covering[:, None, :]
+
+    if IGNORE_PADDING:
+        mean = total / tl.maximum(count, 1.0)
+    else:
+        mean = total / views
+    keep = row_ok[None, :, None] & col_ok[:, None, :]
+    if TOKEN_OUTPUT:  # average pool over each token's p x p pixels
+        column_sums = tl.sum(tl.where(keep, mean, 0.0), axis=1)  # [BLOCK_C, N]
+        pooled = tl.sum(tl.reshape(column_sums, [BLOCK_C, TOKENS_W, P_PAD]), axis=2) / (patch * patch)
+        cols = tl.program_id(2) * TOKENS_W + tl.arange(0, TOKENS_W)[None, :]
+        offsets = plane.to(tl.int64) * h * w + token_row * w + cols
+        tl.store(out_ptr + offsets, pooled.to(out_ptr.dtype.element_ty), mask=(cols < w) & (plane < planes))
+    else:
+        offsets = plane[:, :, None].to(tl.int64) * h * w * patch * patch + y[None, :, None] * (w * patch) + x[:, None, :]
+        tl.store(out_ptr + offsets, mean.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def _lower_middle(keyed, middle, K_PAD: tl.constexpr, SELECT_MAX: tl.constexpr):
+    """keyed [C, P, K_PAD] (left-out views are +inf), middle [C, P] -> the middle-th smallest.
+    Small K: rank selection in registers (the element whose rank, ties broken by view index, is
+    middle). Larger K: a bitonic sort along the views (tl.sort), then pick."""
+    k = tl.arange(0, K_PAD)[None, None, :]
+    if K_PAD <= SELECT_MAX:
+        chosen = tl.zeros(middle.shape, keyed.dtype)
+        for j in tl.static_range(K_PAD):
+            candidate = tl.sum(tl.where(k == j, keyed, 0.0), axis=2)
+            below = (keyed < candidate[:, :, None]) | ((keyed == candidate[:, :, None]) & (k < j))
+            rank = tl.sum(below.to(tl.int32), axis=2)
+            chosen = tl.where(rank == middle, candidate, chosen)
+        return chosen
+    ordered = tl.sort(keyed, dim=2)
+    return tl.sum(tl.where(k == middle[:, :, None], ordered, 0.0), axis=2)
+
+
+def _per_pixel_kernel(
+    tokens_ptr, out_ptr, std_ptr, dy_ptr, dx_ptr,
+    views, planes, h, w, patch, view_stride,
+    MEDIAN: tl.constexpr, RETURN_STD: tl.constexpr, IGNORE_PADDING: tl.constexpr,
+    BILINEAR: tl.constexpr, TOKEN_OUTPUT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr, SELECT_MAX: tl.constexpr, ACC: tl.constexpr,
+):
+    """Median and/or std (and the mean with std): a [BLOCK_C planes, BLOCK_P outputs, K_PAD views]
+    register tile of the sampled values per output pixel, reduced over the views. A token output
+    loops over its p x p pixels and averages their results (the fused average pool)."""
+    if TOKEN_OUTPUT:
+        out_w = w
+        out_size = h * w
+        sub_pixels = patch * patch
+    else:
+        out_w = w * patch
+        out_size = h * w * patch * patch
+        sub_pixels = 1
+    out_pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
+    out_plane = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
+    out_ok = (out_pos < out_size) & (out_plane < planes)
+    pos = out_pos[:, :, None]  # the tile axes: [planes, outputs, views]
+    k = tl.arange(0, K_PAD)[None, None, :]
+    dy = tl.load(dy_ptr + k, mask=k < views, other=0)
+    dx = tl.load(dx_ptr + k, mask=k < views, other=0)
+    load_ok = out_ok[:, :, None] & (k < views)
+    view_ptr = tokens_ptr + k.to(tl.int64) * view_stride + out_plane[:, :, None].to(tl.int64) * h * w
+
+    result = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    spread = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    for s in range(sub_pixels):
+        if TOKEN_OUTPUT:
+            y = (pos // out_w) * patch + s // patch
+            x = (pos % out_w) * patch + s % patch
+        else:
+            y = pos // out_w
+            x = pos % out_w
+        r_first, r_second, wr_first, wr_second, r_inside = _axis_taps(y, dy, patch, h, BILINEAR, ACC)
+        c_first, c_second, wc_first, wc_second, c_inside = _axis_taps(x, dx, patch, w, BILINEAR, ACC)
+        value = wr_first * wc_first * tl.load(view_ptr + r_first * w + c_first, mask=load_ok, other=0.0).to(ACC)
+        if BILINEAR:
+            value += wr_first * wc_second * tl.load(view_ptr + r_first * w + c_second, mask=load_ok, other=0.0).to(ACC)
+            value += wr_second * wc_first * tl.load(view_ptr + r_second * w + c_first, mask=load_ok, other=0.0).to(ACC)
+            value += wr_second * wc_second * tl.load(view_ptr + r_second * w + c_second, mask=load_ok, other=0.0).to(ACC)
+        if IGNORE_PADDING:
+            counted = load_ok & r_inside & c_inside
+        else:
+            counted = load_ok  # every view; out-of-frame values are 0
+        count = tl.sum(counted.to(tl.int32), axis=2)
+        mean = tl.sum(tl.where(counted, value, 0.0), axis=2) / tl.maximum(count, 1).to(ACC)
+        if MEDIAN:
+            median = _lower_middle(tl.where(counted, value, float("inf")), (count - 1) // 2, K_PAD, SELECT_MAX)
+            result += tl.where(count > 0, median, 0.0)
+        else:
+            result += mean
+        if RETURN_STD:
+            deviation = tl.where(counted, value - mean[:, :, None], 0.0)
+            spread += tl.sqrt(tl.sum(deviation * deviation, axis=2) / tl.maximum(count, 1).to(ACC))
+
+    offsets = out_plane.to(tl.int64) * out_size + out_pos
+    tl.store(out_ptr + offsets, (result / sub_pixels).to(out_ptr.dtype.element_ty), mask=out_ok)
+    if RETURN_STD:
+        tl.store(std_ptr + offsets, (spread / sub_pixels).to(std_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def warp_aggregate_fused(
+    tokens: torch.Tensor,
+    shifts: Sequence[tuple[int, int]],
+    patch_size: int,
+    upsample: str = "nearest",
+    reduce: str = "mean",
+    ignore_padding: bool = False,
+    output: str = "pixel",
+    return_std: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as ``warp_aggregate_reference``, in one Triton kernel launch that reads the
+    token grids and writes only the outputs: the grouped mean, or (median, std) the per-pixel
+    register tile. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
+    triton = _load_triton()
+    views, batch, channels, h, w = tokens.shape
+    tokens = tokens.contiguous()
+    shifts = [(int(dy), int(dx)) for dy, dx in shifts]
+    result = _empty_output(_output_shape(tokens, patch_size, output), tokens)
+    std = _empty_output(result.shape, tokens) if return_std else None
+    if result.numel() == 0:
+        return result, std
+    planes = batch * channels
+    # elements per program's tile: the interpreter pays per program and per op, a GPU per register
+    # (the per-pixel tile holds K values per output and spills above 2048 on sm_90)
+    interpreted = _interpreting()
+    flags = dict(IGNORE_PADDING=ignore_padding, BILINEAR=upsample == "bilinear", TOKEN_OUTPUT=output == "token",
+                 ACC=tl.float64 if tokens.dtype == torch.float64 else tl.float32)
+
+    def as_int32(values):
+        return torch.tensor(values, dtype=torch.int32, device=tokens.device)
+
+    if reduce == "mean" and not return_std:
+        order = sorted(range(views), key=lambda k: shifts[k][0])  # views grouped by dy
+        group_dy, group_start = [], []
+        for i, k in enumerate(order):
+            if not group_dy or shifts[k][0] != group_dy[-1]:
+                group_dy.append(shifts[k][0])
+                group_start.append(i)
+        tile = 1 << 15 if interpreted else 4096
+        p_pad = _next_power_of_2(patch_size)
+        tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
+        block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
+        _grouped_mean_kernel[(triton.cdiv(planes, block_c), h, triton.cdiv(w, tokens_w))](
+            tokens, result, as_int32(order), as_int32([shifts[k][1] for k in order]),
+            as_int32(group_dy), as_int32(group_start + [views]),
+            len(group_dy), views, planes, h, w, patch_size, planes * h * w,
+            BLOCK_C=block_c, P_PAD=p_pad, TOKENS_W=tokens_w, **flags,
+        )
+    else:
+        tile = 1 << 15 if interpreted else 2048
+        k_pad = _next_power_of_2(views)
+        block_c = min(_next_power_of_2(planes), 4)
+        block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(result[0, 0].numel())))
+        _per_pixel_kernel[(triton.cdiv(result[0, 0].numel(), block_p), triton.cdiv(planes, block_c))](
+            tokens, result, result if std is None else std,
+            as_int32([dy for dy, _ in shifts]), as_int32([dx for _, dx in shifts]),
+            views, planes, h, w, patch_size, planes * h * w,
+            MEDIAN=reduce == "median", RETURN_STD=return_std,
+            BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad, SELECT_MAX=_SELECT_MAX_VIEWS, **flags,
+        )
+    return result, std
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+class WarpAggregateOutput(NamedTuple):
+    result: torch.Tensor
+    std: torch.Tensor | None
+    impl: str  # the implementation that ran: "reference", "fused" or "chunked"
+
+
+_IMPLEMENTATIONS = {"reference": warp_aggregate_reference, "fused": warp_aggregate_fused, "chunked": warp_aggregate_chunked}
+_warned: set[str] = set()
+
+
+def warp_aggregate(
+    tokens: torch.Tensor,
+    shifts: Sequence[tuple[int, int]],
+    patch_size: int,
+    upsample: str = "nearest",
+    reduce: str = "mean",
+    ignore_padding: bool = False,
+    output: str = "pixel",
+    return_std: bool = False,
+    impl: str = "auto",
+) -> WarpAggregateOutput:
+    """``warp_aggregate_reference``'s contract through the implementation ``impl`` picks:
+    "auto" (fused Triton on CUDA tensors, chunked torch otherwise), "reference", "fused" (CUDA, or
+    CPU under TRITON_INTERPRET=1) or "chunked". Where the fused kernels cannot run (no Triton, no
+    GPU) it falls back to "chunked" with one warning. Returns (result, std, impl that ran)."""
+    check_choice("impl", impl, IMPLS)
+    check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
+    chosen = choose_impl(impl, tokens.device)
+    result, std = _IMPLEMENTATIONS[chosen](tokens, shifts, patch_size, upsample, reduce, ignore_padding, output, return_std)
+    return WarpAggregateOutput(result, std, chosen)
+
+
+def choose_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``warp_aggregate`` runs for ``impl`` on tensors of ``device``."""
+    if impl in ("reference", "chunked"):
+        return impl
+    if impl == "auto" and device.type != "cuda":
+        return "chunked"
+    reason = _fused_unavailable(device)
+    if reason is None:
+        return "fused"
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"{reason}; warp_aggregate falls back to the chunked torch path", RuntimeWarning, stacklevel=3)
+    return "chunked"
+
+
+def _fused_unavailable(device: torch.device) -> str | None:
+    """Why the fused kernels cannot run on ``device`` tensors, or None."""
+    if device.type not in ("cuda", "cpu"):
+        return f"the fused Triton kernels do not run on {device.type} tensors"
+    if device.type == "cpu" and not _interpreting():
+        return "the fused Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
+    try:
+        _load_triton()
+    except Exception as error:  # not installed, or broken: the same for the user
+        return f"Triton is not usable ({type(error).__name__}: {error})"
+    return None
