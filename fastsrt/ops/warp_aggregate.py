@@ -1,4 +1,4 @@
-"""Inverse-warp upsample + aggregation over views: the second half of SRT (reference path).
+"""Inverse-warp upsample + aggregation over views: the second half of SRT.
 
 For view k with shift (dy, dx) and token grid T_k (C, h, w) of a (p*h) x (p*w) image:
     U_k = upsample(T_k, p)                                  nearest, or bilinear as
@@ -16,9 +16,9 @@ Three implementations with the same signature, and a dispatcher:
 - ``warp_aggregate_reference``: plain torch, materialises every warped view (K x B x C x H x W);
   it defines the semantics that the two fast paths are tested against.
 - ``warp_aggregate_chunked``: torch, any device, never holds all views: the mean is separable
-  (horizontal sampling per view, summed over the views sharing a vertical shift, then one vertical
-  sampling per distinct dy); median and std gather the K values of one chunk of channels and rows
-  at a time.
+  (each view upsampled and shifted along x at token-row resolution, summed over the views sharing
+  a dy, then upsampled and shifted along y once per distinct dy); median and std gather the K
+  values of one chunk of channels and rows at a time.
 - ``warp_aggregate_fused``: Triton kernels that read the token grids and write only the output
   (the same grouped mean; median/std on a register tile of the K values per pixel).
 ``warp_aggregate(..., impl="auto")`` picks the fused kernels for CUDA tensors and the chunked path
@@ -133,38 +133,32 @@ def _output_shape(tokens: torch.Tensor, patch_size: int, output: str) -> tuple[i
 # ---------------------------------------------------------------------------------------------
 # Chunked torch path: any device, memory independent of the number of views.
 
-# elements of the largest tensor one chunk works on (64 MiB in float32); its temporaries are a
-# small multiple of it
+# elements of the largest tensor a chunk works on (64 MiB in float32); its temporaries are a small
+# multiple of it
 CHUNK_ELEMENTS = 1 << 24
 
-Taps = list[tuple[torch.Tensor, torch.Tensor]]
 
-
-def axis_sampling(n_tokens: int, patch_size: int, shift: int, mode: str, dtype: torch.dtype, device) -> tuple[Taps, torch.Tensor]:
-    """One axis of W_k: for every output position i in [0, p*n), upsample(tokens)(i + shift) as
-    taps [(token index, weight)] (one for nearest, two for bilinear), weights 0 out of frame, and
-    the inside mask. Bilinear follows F.interpolate(align_corners=False, scale_factor=p): source
-    coordinate (i + 0.5) / p - 0.5 clamped at 0, the upper neighbour clamped at n - 1."""
-    size = patch_size * n_tokens
-    source = torch.arange(size, device=device) + shift
-    inside = (source >= 0) & (source < size)
+def upsample_axis(values: torch.Tensor, patch_size: int, mode: str, dim: int) -> torch.Tensor:
+    """(n, rows, cols) upsampled by p along dim -2 or -1 only: the reference's upsampling is
+    separable (nearest: repeat; bilinear: F.interpolate with scale 1 on the other axis is the
+    identity, align_corners=False)."""
     if mode == "nearest":
-        return [(source.clamp(0, size - 1) // patch_size, inside.to(dtype))], inside
-    scale = torch.tensor(1 / patch_size, dtype=dtype)  # PyTorch multiplies by the rounded 1/p
-    real = ((source.to(dtype) + 0.5) * scale - 0.5).clamp(min=0)
-    first = real.long().clamp(max=n_tokens - 1)  # truncation = floor for real >= 0
-    weight_second = (real - first.to(dtype)) * inside
-    weight_first = (1 - (real - first.to(dtype))) * inside
-    return [(first, weight_first), ((first + 1).clamp(max=n_tokens - 1), weight_second)], inside
+        return values.repeat_interleave(patch_size, dim=dim)
+    scale = (patch_size, 1) if dim == -2 else (1, patch_size)
+    return F.interpolate(values[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
 
 
-def sample_along(values: torch.Tensor, taps: Taps, dim: int) -> torch.Tensor:
-    """sum over taps of values[..., index, ...] * weight along dim (-1 or -2)."""
-    result = None
-    for index, weight in taps:
-        term = values.index_select(dim, index).mul_(weight if dim == -1 else weight[:, None])
-        result = term if result is None else result.add_(term)
-    return result
+def shift_columns(values: torch.Tensor, dx: int) -> torch.Tensor:
+    """W(x) = values(x + dx) along the last axis, zero fill."""
+    if abs(dx) >= values.shape[-1]:
+        return torch.zeros_like(values)
+    return F.pad(values, (-dx, dx))  # a negative pad crops
+
+
+def frame_inside(size: int, shift: int, device) -> torch.Tensor:
+    """Positions i in [0, size) whose source i + shift lies in the frame."""
+    source = torch.arange(size, device=device) + shift
+    return (source >= 0) & (source < size)
 
 
 def warp_aggregate_chunked(
@@ -177,27 +171,27 @@ def warp_aggregate_chunked(
     output: str = "pixel",
     return_std: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as ``warp_aggregate_reference``, one chunk of channels (and rows) at a time.
+    """Same contract as ``warp_aggregate_reference``, one chunk of channels (and rows) at a time;
+    never more than one view at pixel resolution, except the K values of one chunk for median/std.
 
-    W_k is separable: W_k(y, x) = sum_i sum_j a_k(y, i) b_k(x, j) T_k(i, j), with a_k, b_k the
-    one-axis sampling weights of ``axis_sampling`` (0 out of frame). The mean (no std) sums
-    b_k-sampled token rows over the views that share a dy, then applies each distinct a once:
-    per output element about (distinct dy) + K/p operations instead of K. Median and std gather
-    the K values of a chunk and reduce them (torch.median / nanmedian: the lower middle)."""
+    Upsampling and the shift are separable, and the mean is linear: the views sharing a dy are
+    upsampled and shifted along x at token-row resolution, summed, and then upsampled and shifted
+    along y once per distinct dy (per output element about K/p + (distinct dy) operations instead
+    of K). Median and std gather the K warped values of a chunk and reduce them (torch.median /
+    nanmedian: the lower middle)."""
     check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
     views, batch, channels, h, w = tokens.shape
     height, width, p = patch_size * h, patch_size * w, patch_size
+    shifts = [(int(dy), int(dx)) for dy, dx in shifts]
     compute = torch.promote_types(tokens.dtype, torch.float32)
-    rows = {dy: axis_sampling(h, p, dy, upsample, compute, tokens.device) for dy in {dy for dy, _ in shifts}}
-    cols = {dx: axis_sampling(w, p, dx, upsample, compute, tokens.device) for dx in {dx for _, dx in shifts}}
     result = _empty_output(_output_shape(tokens, p, output), tokens)
     std = _empty_output(result.shape, tokens) if return_std else None
 
     planes = tokens.flatten(1, 2)  # (K, B*C, h, w)
-    pool = (lambda pixels: F.avg_pool2d(pixels, p)) if output == "token" else (lambda pixels: pixels)
+    scale = p if output == "token" else 1
     outputs = [result.flatten(0, 1)] + ([std.flatten(0, 1)] if return_std else [])
     grouped_mean = reduce == "mean" and not return_std
-    # rows per chunk: all of them for the grouped mean; else whole token rows for the pooling
+    # rows per chunk: all for the grouped mean; else whole token rows (pooling stays in a chunk)
     row_step = height if grouped_mean else max(p, CHUNK_ELEMENTS // (views * width) // p * p)
     per_plane = width * min(row_step, height) * (1 if grouped_mean else views)
     plane_step = max(1, CHUNK_ELEMENTS // per_plane)
@@ -206,55 +200,71 @@ def warp_aggregate_chunked(
         for top in range(0, height, row_step):
             bottom = min(top + row_step, height)
             if grouped_mean:
-                pieces = [_grouped_mean(chunk, shifts, rows, cols, ignore_padding)]
+                pieces = [_grouped_mean(chunk, shifts, p, upsample, ignore_padding)]
             else:
-                pieces = _reduce_views(chunk, shifts, rows, cols, top, bottom, reduce, ignore_padding, return_std)
-            scale = p if output == "token" else 1
+                pieces = _reduce_views(chunk, shifts, p, upsample, top, bottom, reduce, ignore_padding, return_std)
             for out, piece in zip(outputs, pieces):
-                out[start : start + plane_step, top // scale : bottom // scale] = pool(piece)
+                out[start : start + plane_step, top // scale : bottom // scale] = F.avg_pool2d(piece, p) if scale > 1 else piece
     return result, std
 
 
-def _grouped_mean(chunk: torch.Tensor, shifts, rows: dict, cols: dict, ignore_padding: bool) -> torch.Tensor:
-    """The mean over views of a chunk (K, n, h, w) -> (n, H, W)."""
+def _grouped_mean(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int, mode: str, ignore_padding: bool) -> torch.Tensor:
+    """The mean over views of a chunk of token grids (K, n, h, w) -> (n, H, W)."""
+    views, planes, h, w = chunk.shape
+    height = p * h
     by_dy: dict[int, list[int]] = {}
     for k, (dy, _) in enumerate(shifts):
         by_dy.setdefault(dy, []).append(k)
-    total = None
+    total = chunk.new_zeros((planes, height, p * w))
     for dy, members in by_dy.items():
-        sampled_rows = sample_along(chunk[members[0]], cols[shifts[members[0]][1]][0], -1)  # (n, h, W)
+        top, bottom = max(0, -dy), min(height, height - dy)  # output rows whose source row is in the frame
+        if top >= bottom:
+            continue
+        columns = shift_columns(upsample_axis(chunk[members[0]], p, mode, -1), shifts[members[0]][1])
         for k in members[1:]:
-            sampled_rows += sample_along(chunk[k], cols[shifts[k][1]][0], -1)
-        term = sample_along(sampled_rows, rows[dy][0], -2)
-        total = term if total is None else total.add_(term)
+            columns += shift_columns(upsample_axis(chunk[k], p, mode, -1), shifts[k][1])
+        total[:, top:bottom] += upsample_axis(columns, p, mode, -2)[:, top + dy : bottom + dy]
     if not ignore_padding:
-        return total.div_(len(shifts))
-    return total.div_(_coverage(shifts, rows, cols).clamp_(min=1))
+        return total.div_(views)
+    return total.div_(_coverage(shifts, height, p * w, 0, height, chunk.device).clamp_(min=1))
 
 
-def _coverage(shifts, rows: dict, cols: dict, top: int = 0, bottom: int | None = None) -> torch.Tensor:
+def _coverage(shifts, height: int, width: int, top: int, bottom: int, device) -> torch.Tensor:
     """(bottom - top, W): the number of views whose frame covers each output pixel."""
-    rows_inside = torch.stack([rows[dy][1][top:bottom] for dy, _ in shifts]).float()
-    cols_inside = torch.stack([cols[dx][1] for _, dx in shifts]).float()
-    return rows_inside.T @ cols_inside  # exact: small integers in float32
+    rows = torch.stack([frame_inside(height, dy, device)[top:bottom] for dy, _ in shifts]).float()
+    cols = torch.stack([frame_inside(width, dx, device) for _, dx in shifts]).float()
+    return rows.T @ cols  # exact: small integers in float32
 
 
-def _reduce_views(chunk: torch.Tensor, shifts, rows: dict, cols: dict, top: int, bottom: int,
+def _write_view_rows(rows: torch.Tensor, tokens: torch.Tensor, dy: int, dx: int, p: int, mode: str, top: int) -> None:
+    """Writes rows [top, top + len) of one warped view W(y, x) = upsample(tokens)(y + dy, x + dx)
+    into ``rows`` (n, len, W), which holds zeros: only the in-frame rectangle is written. Upsamples
+    only the token rows it reads, plus one of margin so that bilinear's border clamp stays the
+    full grid's."""
+    h, w = tokens.shape[-2:]
+    bottom = top + rows.shape[1]
+    source_top, source_bottom = max(0, top + dy), min(p * h, bottom + dy)
+    left, right = max(0, -dx), min(p * w, p * w - dx)  # output columns whose source is in the frame
+    if source_top >= source_bottom or left >= right:
+        return
+    first, last = max(0, source_top // p - 1), min(h, (source_bottom - 1) // p + 2)
+    pixels = upsample_axis(upsample_axis(tokens[:, first:last], p, mode, -1), p, mode, -2)
+    rows[:, source_top - dy - top : source_bottom - dy - top, left:right] = \
+        pixels[:, source_top - first * p : source_bottom - first * p, left + dx : right + dx]
+
+
+def _reduce_views(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int, mode: str, top: int, bottom: int,
                   reduce: str, ignore_padding: bool, return_std: bool) -> list[torch.Tensor]:
     """Output rows [top, bottom) of a chunk (K, n, h, w): [aggregate] or [aggregate, std], each
-    (n, bottom - top, W). Holds the K sampled values of the chunk (K, n, bottom - top, W)."""
-    views, planes = chunk.shape[:2]
-    values = chunk.new_empty((views, planes, bottom - top, cols[shifts[0][1]][1].numel()))
+    (n, bottom - top, W). Holds the K warped values of the chunk (K, n, bottom - top, W)."""
+    views, _, h, w = chunk.shape
+    values = chunk.new_zeros((views, chunk.shape[1], bottom - top, p * w))
     for k, (dy, dx) in enumerate(shifts):
-        row_taps = [(index[top:bottom], weight[top:bottom]) for index, weight in rows[dy][0]]
-        first = min(int(index.min()) for index, _ in row_taps)  # only the token rows these rows read
-        last = max(int(index.max()) for index, _ in row_taps)
-        sampled_rows = sample_along(chunk[k, :, first : last + 1], cols[dx][0], -1)
-        values[k] = sample_along(sampled_rows, [(index - first, weight) for index, weight in row_taps], -2)
-
+        _write_view_rows(values[k], chunk[k], dy, dx, p, mode, top)
     if ignore_padding:
-        inside = torch.stack([rows[dy][1][top:bottom, None] & cols[dx][1][None, :] for dy, dx in shifts])[:, None]
-        count = _coverage(shifts, rows, cols, top, bottom)
+        inside = torch.stack([frame_inside(p * h, dy, chunk.device)[top:bottom, None] & frame_inside(p * w, dx, chunk.device)
+                              for dy, dx in shifts])[:, None]  # (K, 1, rows, W)
+        count = _coverage(shifts, p * h, p * w, top, bottom, chunk.device)
     else:
         count = torch.full((), views, dtype=values.dtype, device=values.device)
     mean = values.sum(0).div_(count.clamp(min=1))  # out-of-frame values are 0
@@ -301,8 +311,11 @@ def _interpreting() -> bool:
 
 
 def _axis_taps(pos, shift, patch, n_tokens, BILINEAR: tl.constexpr, ACC: tl.constexpr):
-    """Triton twin of ``axis_sampling`` at positions ``pos``: (first, second, w_first, w_second,
-    inside); indices are clamped into [0, n_tokens) so every load is in bounds."""
+    """One axis of W(y, x) = upsample(tokens)(y + dy, x + dx) at output positions ``pos``: the two
+    token indices and weights (0 out of frame; nearest: one tap, weight 1) and the inside mask.
+    Bilinear follows F.interpolate(align_corners=False, scale_factor=p): source coordinate
+    (i + 0.5) * fl(1/p) - 0.5 clamped at 0, the upper neighbour clamped at n - 1. Indices are
+    clamped into [0, n_tokens), so every load is in bounds."""
     source = pos + shift
     inside = (source >= 0) & (source < patch * n_tokens)
     if BILINEAR:
