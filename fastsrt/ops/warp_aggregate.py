@@ -174,11 +174,17 @@ def warp_aggregate_chunked(
     """Same contract as ``warp_aggregate_reference``, one chunk of channels (and rows) at a time;
     never more than one view at pixel resolution, except the K values of one chunk for median/std.
 
-    Upsampling and the shift are separable, and the mean is linear: the views sharing a dy are
-    upsampled and shifted along x at token-row resolution, summed, and then upsampled and shifted
-    along y once per distinct dy (per output element about K/p + (distinct dy) operations instead
-    of K). Median and std gather the K warped values of a chunk and reduce them (torch.median /
-    nanmedian: the lower middle)."""
+    - mean (no std): upsampling and the shift are separable and the mean is linear: the views
+      sharing a dy are upsampled and shifted along x at token-row resolution, summed, then
+      upsampled and shifted along y once per distinct dy (per output element about
+      K/p + (distinct dy) operations instead of K).
+    - median/std, nearest: since H = p*h, pixel (i*p + a, j*p + b) of view k reads token
+      (i + (a + dy_k) // p, j + (b + dx_k) // p), out of frame exactly when that token is off the
+      grid. The positions a (and b) inside a token that share those offsets for every view form a
+      class (7 per axis for the paper's d = 3 at p = 14); each pair of classes is reduced once at
+      token resolution and copied to its pixels: p^2 / (classes^2) times fewer reductions.
+    - median/std, bilinear: the K warped values of a chunk of rows, reduced per pixel.
+    Reductions: torch.median / nanmedian, the lower middle."""
     check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
     views, batch, channels, h, w = tokens.shape
     height, width, p = patch_size * h, patch_size * w, patch_size
@@ -190,19 +196,21 @@ def warp_aggregate_chunked(
     planes = tokens.flatten(1, 2)  # (K, B*C, h, w)
     scale = p if output == "token" else 1
     outputs = [result.flatten(0, 1)] + ([std.flatten(0, 1)] if return_std else [])
-    grouped_mean = reduce == "mean" and not return_std
-    # rows per chunk: all for the grouped mean; else whole token rows (pooling stays in a chunk)
-    row_step = height if grouped_mean else max(p, CHUNK_ELEMENTS // (views * width) // p * p)
-    per_plane = width * min(row_step, height) * (1 if grouped_mean else views)
+    per_pixel = upsample == "bilinear" and (reduce == "median" or return_std)
+    # rows per chunk: whole token rows (pooling stays in a chunk); all of them but per pixel
+    row_step = max(p, CHUNK_ELEMENTS // (views * width) // p * p) if per_pixel else height
+    per_plane = max(width * min(row_step, height), views * h * w) * (views if per_pixel else 1)
     plane_step = max(1, CHUNK_ELEMENTS // per_plane)
     for start in range(0, batch * channels, plane_step):
         chunk = planes[:, start : start + plane_step].to(compute)
         for top in range(0, height, row_step):
             bottom = min(top + row_step, height)
-            if grouped_mean:
+            if reduce == "mean" and not return_std:
                 pieces = [_grouped_mean(chunk, shifts, p, upsample, ignore_padding)]
+            elif upsample == "nearest":
+                pieces = _nearest_by_class(chunk, shifts, p, reduce, ignore_padding, return_std)
             else:
-                pieces = _reduce_views(chunk, shifts, p, upsample, top, bottom, reduce, ignore_padding, return_std)
+                pieces = _bilinear_rows(chunk, shifts, p, top, bottom, reduce, ignore_padding, return_std)
             for out, piece in zip(outputs, pieces):
                 out[start : start + plane_step, top // scale : bottom // scale] = F.avg_pool2d(piece, p) if scale > 1 else piece
     return result, std
@@ -226,21 +234,53 @@ def _grouped_mean(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int, mo
         total[:, top:bottom] += upsample_axis(columns, p, mode, -2)[:, top + dy : bottom + dy]
     if not ignore_padding:
         return total.div_(views)
-    return total.div_(_coverage(shifts, height, p * w, 0, height, chunk.device).clamp_(min=1))
+    return total.div_(_coverage(shifts, height, p * w, chunk.device).clamp_(min=1))
 
 
-def _coverage(shifts, height: int, width: int, top: int, bottom: int, device) -> torch.Tensor:
-    """(bottom - top, W): the number of views whose frame covers each output pixel."""
-    rows = torch.stack([frame_inside(height, dy, device)[top:bottom] for dy, _ in shifts]).float()
+def _coverage(shifts, height: int, width: int, device) -> torch.Tensor:
+    """(H, W): the number of views whose frame covers each output pixel."""
+    rows = torch.stack([frame_inside(height, dy, device) for dy, _ in shifts]).float()
     cols = torch.stack([frame_inside(width, dx, device) for _, dx in shifts]).float()
     return rows.T @ cols  # exact: small integers in float32
 
 
-def _write_view_rows(rows: torch.Tensor, tokens: torch.Tensor, dy: int, dx: int, p: int, mode: str, top: int) -> None:
-    """Writes rows [top, top + len) of one warped view W(y, x) = upsample(tokens)(y + dy, x + dx)
-    into ``rows`` (n, len, W), which holds zeros: only the in-frame rectangle is written. Upsamples
-    only the token rows it reads, plus one of margin so that bilinear's border clamp stays the
-    full grid's."""
+def _offset_classes(shifts_along: list[int], p: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """Positions a in [0, p) inside a token grouped by the token offsets (a + d) // p they read
+    in every view (d: each view's shift along this axis): [(positions, offsets per view)]."""
+    classes: dict[tuple[int, ...], list[int]] = {}
+    for a in range(p):
+        classes.setdefault(tuple((a + d) // p for d in shifts_along), []).append(a)
+    return [(torch.tensor(positions), list(offsets)) for offsets, positions in classes.items()]
+
+
+def _nearest_by_class(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int,
+                      reduce: str, ignore_padding: bool, return_std: bool) -> list[torch.Tensor]:
+    """Nearest median/std of a chunk of token grids (K, n, h, w) -> [aggregate(, std)], each
+    (n, H, W), reduced once per pair of offset classes at token resolution."""
+    views, planes, h, w = chunk.shape
+    margin = max(max(abs(dy), abs(dx)) for dy, dx in shifts) // p + 1
+    padded = F.pad(chunk, (margin, margin, margin, margin))  # off-grid tokens are 0
+    rows_on_grid = torch.arange(h, device=chunk.device)
+    cols_on_grid = torch.arange(w, device=chunk.device)
+    pieces = [chunk.new_empty((planes, p * h, p * w)) for _ in range(1 + return_std)]
+    for rows, row_offsets in _offset_classes([dy for dy, _ in shifts], p):
+        for cols, col_offsets in _offset_classes([dx for _, dx in shifts], p):
+            values = torch.stack([padded[k, :, margin + oy : margin + oy + h, margin + ox : margin + ox + w]
+                                  for k, (oy, ox) in enumerate(zip(row_offsets, col_offsets))])
+            inside = torch.stack([((rows_on_grid + oy >= 0) & (rows_on_grid + oy < h))[:, None]
+                                  & ((cols_on_grid + ox >= 0) & (cols_on_grid + ox < w))[None, :]
+                                  for oy, ox in zip(row_offsets, col_offsets)])[:, None]  # (K, 1, h, w)
+            for piece, reduced in zip(pieces, _reduce(values, inside, reduce, ignore_padding, return_std)):
+                # the pixels (i*p + a, j*p + b), a in rows, b in cols, of every token (i, j)
+                piece.view(planes, h, p, w, p).permute(0, 1, 3, 2, 4)[..., rows[:, None], cols[None, :]] = reduced[..., None, None]
+    return pieces
+
+
+def _write_view_rows(rows: torch.Tensor, tokens: torch.Tensor, dy: int, dx: int, p: int, top: int) -> None:
+    """Writes rows [top, top + len) of one bilinear warped view W(y, x) = upsample(tokens)(y + dy,
+    x + dx) into ``rows`` (n, len, W), which holds zeros: only the in-frame rectangle is written.
+    Upsamples only the token rows it reads, plus one of margin so that the border clamp stays
+    the full grid's."""
     h, w = tokens.shape[-2:]
     bottom = top + rows.shape[1]
     source_top, source_bottom = max(0, top + dy), min(p * h, bottom + dy)
@@ -248,26 +288,30 @@ def _write_view_rows(rows: torch.Tensor, tokens: torch.Tensor, dy: int, dx: int,
     if source_top >= source_bottom or left >= right:
         return
     first, last = max(0, source_top // p - 1), min(h, (source_bottom - 1) // p + 2)
-    pixels = upsample_axis(upsample_axis(tokens[:, first:last], p, mode, -1), p, mode, -2)
+    pixels = upsample_axis(upsample_axis(tokens[:, first:last], p, "bilinear", -1), p, "bilinear", -2)
     rows[:, source_top - dy - top : source_bottom - dy - top, left:right] = \
         pixels[:, source_top - first * p : source_bottom - first * p, left + dx : right + dx]
 
 
-def _reduce_views(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int, mode: str, top: int, bottom: int,
-                  reduce: str, ignore_padding: bool, return_std: bool) -> list[torch.Tensor]:
-    """Output rows [top, bottom) of a chunk (K, n, h, w): [aggregate] or [aggregate, std], each
-    (n, bottom - top, W). Holds the K warped values of the chunk (K, n, bottom - top, W)."""
+def _bilinear_rows(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int, top: int, bottom: int,
+                   reduce: str, ignore_padding: bool, return_std: bool) -> list[torch.Tensor]:
+    """Output rows [top, bottom) of a chunk (K, n, h, w), bilinear: [aggregate(, std)], each
+    (n, bottom - top, W), from the K warped values of the chunk (K, n, bottom - top, W)."""
     views, _, h, w = chunk.shape
     values = chunk.new_zeros((views, chunk.shape[1], bottom - top, p * w))
     for k, (dy, dx) in enumerate(shifts):
-        _write_view_rows(values[k], chunk[k], dy, dx, p, mode, top)
-    if ignore_padding:
-        inside = torch.stack([frame_inside(p * h, dy, chunk.device)[top:bottom, None] & frame_inside(p * w, dx, chunk.device)
-                              for dy, dx in shifts])[:, None]  # (K, 1, rows, W)
-        count = _coverage(shifts, p * h, p * w, top, bottom, chunk.device)
-    else:
-        count = torch.full((), views, dtype=values.dtype, device=values.device)
-    mean = values.sum(0).div_(count.clamp(min=1))  # out-of-frame values are 0
+        _write_view_rows(values[k], chunk[k], dy, dx, p, top)
+    inside = torch.stack([frame_inside(p * h, dy, chunk.device)[top:bottom, None] & frame_inside(p * w, dx, chunk.device)
+                          for dy, dx in shifts])[:, None]  # (K, 1, rows, W)
+    return _reduce(values, inside, reduce, ignore_padding, return_std)
+
+
+def _reduce(values: torch.Tensor, inside: torch.Tensor, reduce: str, ignore_padding: bool, return_std: bool) -> list[torch.Tensor]:
+    """Warped values (K, n, rows, cols), 0 out of frame, and the in-frame mask (K, 1, rows, cols)
+    -> [aggregate(, std)] over the views (all of them, or those inside with ignore_padding).
+    Overwrites ``values``."""
+    count = inside.sum(0) if ignore_padding else torch.tensor(values.shape[0], device=values.device)
+    mean = values.sum(0).div_(count.clamp(min=1))
     pieces = [mean]
     if return_std:
         deviation = values - mean
