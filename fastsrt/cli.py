@@ -29,7 +29,7 @@ def _add_srt_options(parser: argparse.ArgumentParser, size: int) -> None:
     parser.add_argument("--reduce", choices=["mean", "median"], default="mean")
     parser.add_argument("--ignore-padding", action="store_true", help="average only over views covering a pixel")
     parser.add_argument("--output", choices=["pixel", "token"], default="pixel")
-    parser.add_argument("--impl", choices=["auto", "reference", "fused"], default="auto")
+    parser.add_argument("--impl", choices=["auto", "reference", "fused", "chunked"], default="auto")
     parser.add_argument("--view-batch", type=int, default=32, help="images per backbone forward (default: 32)")
     parser.add_argument("--size", type=int, default=size, help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--shifts", type=int, default=3, help="SRT shift radius d (default: 3, 50 views)")
     train.add_argument("--layer", type=int, default=-1, help="block index for --srt-targets (default: -1)")
     train.add_argument("--padding", choices=["zeros", "replicate", "reflect"], default="zeros")
-    train.add_argument("--impl", choices=["auto", "reference", "fused"], default="auto")
+    train.add_argument("--impl", choices=["auto", "reference", "fused", "chunked"], default="auto")
     train.add_argument("--view-batch", type=int, default=32)
     train.add_argument("--size", type=int, default=None, help="image side for --srt-targets (default: 37 tokens)")
     # None leaves TrainConfig's default (the paper's setting) in place

@@ -16,10 +16,8 @@ from fastsrt.backbone_fused import DTYPES, FusedViews, auto_view_batch, fused_vi
 from fastsrt.checks import check_choice
 from fastsrt.ops.patch_embed import triton, warn_once
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
-from fastsrt.ops.warp_aggregate import OUTPUTS, REDUCES, UPSAMPLES, warp_aggregate_reference
+from fastsrt.ops.warp_aggregate import IMPLS, OUTPUTS, REDUCES, UPSAMPLES, warp_aggregate
 from fastsrt.views import as_shifts
-
-IMPLS = ("auto", "reference", "fused")
 
 
 @dataclass
@@ -50,10 +48,14 @@ class SRT(nn.Module):
         ignore_padding: False (paper) counts pixels a view does not cover as 0 and divides by the
             number of views; True reduces over the covering views only.
         output: "pixel" (B, C, H, W) or "token" (average-pooled to (B, C, H/p, W/p)).
-        impl: "auto", "reference" or "fused"; ``impl_used`` says what ran. "fused" makes the views'
-            patch embeddings with one kernel straight from the images (fastsrt.ops.patch_embed) and
-            runs the rest of the ViT from them (fastsrt.backbone_fused); "auto" picks it on CUDA.
-            Backbones it cannot run (not a timm VisionTransformer/Eva) use the reference views.
+        impl: "auto", "reference", "fused" or "chunked". "fused" makes the views' patch embeddings
+            with one kernel straight from the images (fastsrt.ops.patch_embed), runs the rest of the
+            ViT from them (fastsrt.backbone_fused) and aggregates with the fused Triton kernel
+            (fastsrt.ops.warp_aggregate); backbones it cannot run (not a timm VisionTransformer/Eva)
+            use the reference views, and a missing Triton/GPU the "chunked" aggregation, each with
+            one warning. "chunked" makes the views as shifted images and aggregates with the
+            memory-efficient torch path. "auto" is "fused" on CUDA, "chunked" elsewhere.
+            ``views_used``, ``aggregation_used`` and ``impl_used`` say what ran.
         view_batch: images per backbone forward (views x batch), bounding memory; "auto" fits
             the free GPU memory (measured on the first call per image size), 32 on CPU.
         dtype: None/float32, or bfloat16/float16 for mixed precision (autocast) in the backbone.
@@ -99,7 +101,8 @@ class SRT(nn.Module):
         self.ignore_padding, self.output, self.impl = ignore_padding, output, impl
         self.view_batch = view_batch
         self.dtype = dtype
-        self.impl_used: str | None = None
+        self.views_used: str | None = None
+        self.aggregation_used: str | None = None
         self.compile, self.cuda_graph = compile, cuda_graph
         self.fused_views: FusedViews | None = None  # made on first use
         self._auto_view_batch: dict[tuple, int] = {}
@@ -107,6 +110,13 @@ class SRT(nn.Module):
     @property
     def patch_size(self) -> int:
         return self.backbone.patch_size
+
+    @property
+    def impl_used(self) -> str | None:
+        """What the last call ran: one name where views and aggregation agree, else both."""
+        if self.views_used == self.aggregation_used:
+            return self.views_used
+        return f"{self.views_used} views + {self.aggregation_used} aggregation"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.run(images).features
@@ -122,9 +132,9 @@ class SRT(nn.Module):
         tokens, prefixes = self.view_tokens(padded, prefix)
         features, stds = [], []
         for layer_tokens in tokens:
-            aggregate, deviation = warp_aggregate_reference(
+            aggregate, deviation, self.aggregation_used = warp_aggregate(
                 layer_tokens, self.shifts, self.patch_size, self.upsample, self.reduce,
-                self.ignore_padding, self.output, return_std=std,
+                self.ignore_padding, self.output, return_std=std, impl=self.impl,
             )
             if self.output == "pixel":  # drop the padding of pad_to_patch
                 aggregate = aggregate[..., :height, :width]
@@ -142,9 +152,9 @@ class SRT(nn.Module):
     def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Backbone tokens of every view: per layer (K, B, C, h, w), and the prefix tokens per layer
         (K, B, P, C) when asked for. Views go through the backbone ``view_batch`` images at a time,
-        by the fused path (``impl``) or as shifted images; ``impl_used`` records which."""
+        by the fused path (``impl``) or as shifted images; ``views_used`` records which."""
         fused = self._use_fused_views(images)
-        self.impl_used = "fused" if fused else "reference"
+        self.views_used = "fused" if fused else "reference"
 
         def run_views(shifts: list[tuple[int, int]]):
             if fused:
@@ -166,7 +176,7 @@ class SRT(nn.Module):
         return [torch.cat(t) for t in tokens], [torch.cat(p) for p in prefixes] if prefix else []
 
     def _use_fused_views(self, images: torch.Tensor) -> bool:
-        if self.impl == "reference" or (self.impl == "auto" and not (images.is_cuda and triton is not None)):
+        if self.impl in ("reference", "chunked") or (self.impl == "auto" and not (images.is_cuda and triton is not None)):
             return False
         if self.fused_views is None:
             unsupported = fused_views_unsupported(self.backbone)

@@ -121,14 +121,14 @@ def test_srt_fused_on_a_callable_backbone_warns_once_and_runs_the_reference(monk
     images = torch.randn(1, 3, 28, 28)
     with pytest.warns(UserWarning, match="CallableBackbone is not a timm ViT"):
         srt(images)
-    assert srt.impl_used == "reference"
+    assert srt.views_used == "reference"
 
 
 def test_srt_auto_picks_fused_on_cuda_only_and_new_options_are_checked():
     model = tiny_vit("vit_small_patch14_dinov2")
     srt = fastsrt.SRT(model, shifts=1)
     srt(torch.randn(1, 3, 28, 28))
-    assert srt.impl_used == "reference"  # a CPU tensor
+    assert srt.impl_used == "reference views + chunked aggregation"  # a CPU tensor
     with pytest.raises(ValueError, match="dtype=torch.float64"):
         fastsrt.SRT(model, dtype=torch.float64)
     for bad in (0, "many", 2.0, True):

@@ -12,7 +12,7 @@ from fastsrt.backbone import as_backbone
 from fastsrt.checks import check_choice
 from fastsrt.dvt.denoiser import Denoiser, backbone_name, same_backbone
 from fastsrt.ops.shift import check_shifts_fit
-from fastsrt.ops.warp_aggregate import OUTPUTS, UPSAMPLES, upsample_tokens, warp_aggregate_reference
+from fastsrt.ops.warp_aggregate import OUTPUTS, UPSAMPLES, upsample_tokens, warp_aggregate
 from fastsrt.srt import SRT
 
 
@@ -28,7 +28,7 @@ class DVT(nn.Module):
         upsample: "nearest" or "bilinear", for pixel output and for the SRT aggregation.
         shifts: None for a single forward; an SRT view schedule (int d or (dy, dx) pairs) to
             denoise every shifted view and aggregate them as SRT does (``padding``, ``reduce``,
-            ``ignore_padding`` and ``view_batch`` as in fastsrt.SRT).
+            ``ignore_padding``, ``view_batch`` and ``impl`` as in fastsrt.SRT).
     """
 
     def __init__(
@@ -43,6 +43,7 @@ class DVT(nn.Module):
         reduce: str = "mean",
         ignore_padding: bool = False,
         view_batch: int = 32,
+        impl: str = "auto",
         patch_size: int | None = None,
         pad_to_patch: bool = False,
         pretrained: bool | str = True,
@@ -68,7 +69,7 @@ class DVT(nn.Module):
         self.srt = None
         if shifts is not None:  # the SRT object supplies the views and the aggregation settings
             self.srt = SRT(self.backbone, shifts, layer=self.layer, upsample=upsample, padding=padding, reduce=reduce,
-                           ignore_padding=ignore_padding, output=output, impl="reference", view_batch=view_batch)
+                           ignore_padding=ignore_padding, output=output, impl=impl, view_batch=view_batch)
 
     @property
     def patch_size(self) -> int:
@@ -90,7 +91,8 @@ class DVT(nn.Module):
         views = self.srt.view_tokens(padded)[0][0]  # (K, B, C, h, w)
         flat = views.flatten(0, 1)
         clean = torch.cat([self.denoiser(chunk) for chunk in flat.split(self.srt.view_batch)]).view_as(views)
-        # TODO(merge): switch to the warp_aggregate(..., impl=...) dispatcher of fastsrt.ops.warp_aggregate
-        aggregate, _ = warp_aggregate_reference(clean, self.srt.shifts, self.patch_size, self.upsample,
-                                                self.srt.reduce, self.srt.ignore_padding, self.output)
+        aggregate, _, self.srt.aggregation_used = warp_aggregate(
+            clean, self.srt.shifts, self.patch_size, self.upsample, self.srt.reduce, self.srt.ignore_padding,
+            self.output, impl=self.srt.impl,
+        )
         return aggregate if self.output == "token" else aggregate[..., :height, :width]

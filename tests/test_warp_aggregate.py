@@ -1,0 +1,247 @@
+"""warp_aggregate: the fused Triton kernels (TRITON_INTERPRET=1 on CPU tensors without a GPU) and
+the chunked torch path against the reference, on random tokens with NaN-poisoned outputs; the
+dispatcher and its fallbacks; SRT through the public API."""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err, requires_cuda, tiny_vit
+
+import fastsrt
+from fastsrt.ops import warp_aggregate as wa
+from fastsrt.ops.warp_aggregate import (
+    OUTPUTS,
+    REDUCES,
+    UPSAMPLES,
+    warp_aggregate,
+    warp_aggregate_chunked,
+    warp_aggregate_fused,
+    warp_aggregate_reference,
+)
+
+PATCH = 3  # odd and not a power of two, like 14
+EVERY_MODE = list(itertools.product(REDUCES, UPSAMPLES, [False, True], OUTPUTS))
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """The fast paths' output buffers start as NaN, so an element they do not write shows."""
+    monkeypatch.setattr(wa, "_empty_output", lambda shape, tokens: torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device))
+
+
+def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device="cpu"):
+    """Random tokens (K, B, C, h, w) and K shifts: one larger than a patch first, the identity
+    twice (duplicates, as in the paper), one beyond two patches, then random ones in [-5, 5]."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(views, batch, channels, h, w, generator=generator, dtype=torch.float64).to(dtype)
+    drawn = [(int(dy), int(dx)) for dy, dx in torch.randint(-5, 6, (views, 2), generator=generator)]
+    shifts = ([(2, -4), (0, 0), (0, 0), (7, -8)] + drawn)[:views]
+    return tokens.to(device), shifts
+
+
+def assert_matches(actual, expected, exact_elements=False):
+    """float32: relative error <= 1e-5, or (median) each element equal to the reference's up to
+    float rounding of the sampled values; float16/bfloat16: relative error <= 1e-2."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.isfinite(actual).all(), "unwritten (NaN-poisoned) or non-finite elements"
+    if expected.dtype in (torch.float16, torch.bfloat16):
+        assert rel_err(actual, expected) <= 1e-2
+    elif exact_elements or expected.norm() == 0:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert rel_err(actual, expected) <= (1e-12 if expected.dtype == torch.float64 else 1e-5)
+
+
+def check_against_reference(implementation, tokens, shifts, reduce, upsample, ignore_padding, output, return_std, patch=PATCH):
+    expected, expected_std = warp_aggregate_reference(tokens, shifts, patch, upsample, reduce, ignore_padding, output, return_std)
+    actual, actual_std = implementation(tokens, shifts, patch, upsample, reduce, ignore_padding, output, return_std)
+    assert_matches(actual, expected, exact_elements=reduce == "median")
+    if return_std:
+        assert_matches(actual_std, expected_std)
+    else:
+        assert actual_std is None
+
+
+# ---- fused Triton kernels -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("return_std", [False, True])
+@pytest.mark.parametrize("reduce,upsample,ignore_padding,output", EVERY_MODE)
+def test_fused_matches_reference(reduce, upsample, ignore_padding, output, return_std):
+    tokens, shifts = make_case(9)  # 9 views: the register rank selection for the median
+    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, return_std)
+
+
+@pytest.mark.parametrize("reduce,return_std,ignore_padding,output", [
+    ("mean", False, False, "pixel"),  # the grouped mean kernel
+    ("mean", False, True, "token"),
+    ("mean", True, False, "token"),  # the per-pixel kernel
+    ("median", True, True, "pixel"),
+    ("median", False, False, "token"),
+])
+@pytest.mark.parametrize("views", [1, 2, 50])
+def test_fused_view_counts(views, reduce, return_std, ignore_padding, output):
+    """K = 1, 2 (the lower middle of two) and 50 (the median's sorting path) on a small grid: the
+    interpreter's tl.sort costs about 60 ms per sorted row."""
+    tokens, shifts = make_case(views, batch=1, channels=1, h=2, w=3)
+    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, "bilinear", ignore_padding, output, return_std)
+
+
+def test_fused_median_of_128_views():
+    tokens, shifts = make_case(128, batch=1, channels=1, h=1, w=2)
+    check_against_reference(warp_aggregate_fused, tokens, shifts, "median", "nearest", True, "pixel", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduce,return_std,output", [("mean", False, "pixel"), ("median", True, "token")])
+def test_fused_other_dtypes(dtype, reduce, return_std, output):
+    tokens, shifts = make_case(9, dtype=dtype)
+    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, "bilinear", True, output, return_std)
+
+
+def test_fused_patch_14_nearest_paper_settings():
+    """The paper's setting (p = 14, 50 views of the d = 3 grid, nearest, zero fill) on a 2 x 3 grid."""
+    tokens, _ = make_case(50, batch=1, channels=2, h=2, w=3)
+    check_against_reference(warp_aggregate_fused, tokens, fastsrt.paper_grid(3), "mean", "nearest", False, "pixel", False, patch=14)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduce,upsample,ignore_padding,output", EVERY_MODE)
+def test_fused_on_cuda(reduce, upsample, ignore_padding, output):
+    for views, dtype in [(9, torch.float32), (50, torch.float32), (50, torch.bfloat16)]:
+        tokens, shifts = make_case(views, dtype=dtype, batch=2, channels=40, h=11, w=13, device="cuda")
+        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, True, patch=14)
+
+
+def test_kernels_compile_for_gpu():
+    """Triton's own LLVM and ptxas compile the kernels for sm_90 without a GPU: catches what the
+    interpreter accepts and the compiler does not (run in a subprocess, out of interpreter mode)."""
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import fastsrt.ops.warp_aggregate as wa
+        wa._load_triton()
+        ints = dict.fromkeys(["views", "planes", "h", "w", "patch", "view_stride"], "i32")
+        flags = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True, ACC=wa.tl.float32)
+        grouped = dict(tokens_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", dx_ptr="*i32", group_dy_ptr="*i32",
+                       group_start_ptr="*i32", groups="i32", **ints)
+        per_pixel = dict(tokens_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", **ints)
+        cases = [(wa._grouped_mean_kernel, grouped, dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, **flags))]
+        for k_pad in (16, 64):  # rank selection, sort
+            cases.append((wa._per_pixel_kernel, per_pixel, dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=2048 // (4 * k_pad),
+                                                                 K_PAD=k_pad, SELECT_MAX=wa._SELECT_MAX_VIEWS, **flags)))
+        for kernel, signature, constexprs in cases:
+            source = ASTSource(kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs)
+            assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+        print("compiled", len(cases))
+    """)
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "compiled 3" in done.stdout, done.stderr[-3000:]
+
+
+# ---- chunked torch path -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("return_std", [False, True])
+@pytest.mark.parametrize("views", [1, 2, 9, 50])
+@pytest.mark.parametrize("reduce,upsample,ignore_padding,output", EVERY_MODE)
+def test_chunked_matches_reference(monkeypatch, reduce, upsample, ignore_padding, output, views, return_std):
+    monkeypatch.setattr(wa, "CHUNK_ELEMENTS", 600)  # many chunks of channels and rows, uneven last ones
+    tokens, shifts = make_case(views)
+    check_against_reference(warp_aggregate_chunked, tokens, shifts, reduce, upsample, ignore_padding, output, return_std)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduce,return_std", [("mean", False), ("median", True)])
+def test_chunked_other_dtypes_one_chunk(dtype, reduce, return_std):
+    tokens, shifts = make_case(9, dtype=dtype)
+    check_against_reference(warp_aggregate_chunked, tokens, shifts, reduce, "bilinear", True, "token", return_std)
+
+
+# ---- dispatch, fallbacks, bad input -------------------------------------------------------
+
+
+def test_dispatch_reports_what_ran():
+    tokens, shifts = make_case(9)
+    expected, _ = warp_aggregate_reference(tokens, shifts, PATCH)
+    for impl, ran in [("auto", "chunked"), ("reference", "reference"), ("fused", "fused"), ("chunked", "chunked")]:
+        out = warp_aggregate(tokens, shifts, PATCH, impl=impl)
+        assert out.impl == ran and out.std is None
+        assert_matches(out.result, expected)
+
+
+def test_fused_without_interpreter_on_cpu_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(wa, "_warned", set())
+    tokens, shifts = make_case(2)
+    with pytest.warns(RuntimeWarning, match="need a CUDA GPU"):
+        assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
+
+
+def test_import_and_fallback_without_triton():
+    """With triton unimportable, `import fastsrt` works and impl="fused" warns once, then runs chunked."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["triton"] = None  # import triton raises ImportError
+        import torch, fastsrt
+        from fastsrt.ops.warp_aggregate import warp_aggregate
+        tokens = torch.randn(3, 1, 2, 4, 5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs = [warp_aggregate(tokens, [(0, 0), (1, -2), (0, 0)], 2, impl="fused").impl for _ in range(2)]
+        print(runs, len(caught), caught[0].message)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "['chunked', 'chunked'] 1 Triton is not usable" in done.stdout
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(impl="fast"), ValueError, "impl='fast'"),
+    (dict(reduce="max"), ValueError, "reduce='max'"),
+    (dict(upsample="bicubic"), ValueError, "upsample='bicubic'"),
+    (dict(output="image"), ValueError, "output='image'"),
+    (dict(tokens=torch.randn(2, 3, 4, 5)), ValueError, r"\(K, B, C, h, w\)"),
+    (dict(tokens=torch.ones(2, 1, 3, 4, 5, dtype=torch.int64)), TypeError, "torch.int64"),
+    (dict(shifts=[(0, 0)]), ValueError, "1 shifts for 2 views"),
+    (dict(patch_size=0), ValueError, "patch_size"),
+])
+def test_bad_input_is_named(change, error, match):
+    args = dict(tokens=torch.randn(2, 1, 3, 4, 5), shifts=[(0, 0), (1, 1)], patch_size=2) | change
+    with pytest.raises(error, match=match):
+        warp_aggregate(**args)
+
+
+# ---- SRT through the public API -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings,std", [
+    (dict(), False),  # the paper's: nearest, zero fill, mean over all views
+    (dict(reduce="median", upsample="bilinear", ignore_padding=True), True),
+])
+def test_srt_fused_equals_reference(settings, std):
+    model = tiny_vit(embed_dim=24)  # patch 14
+    images = torch.randn(1, 3, 28, 42, generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for impl in ("reference", "fused", "auto"):
+        srt = fastsrt.SRT(model, shifts=1, impl=impl, pretrained=False, **settings)
+        runs[impl] = srt.run(images, std=std)
+        assert srt.aggregation_used == {"auto": "chunked"}.get(impl, impl)
+    for impl in ("fused", "auto"):
+        assert_matches(runs[impl].features, runs["reference"].features, exact_elements=settings.get("reduce") == "median")
+        if std:
+            assert_matches(runs[impl].std, runs["reference"].std)
