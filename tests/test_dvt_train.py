@@ -101,7 +101,7 @@ def test_ddp_under_torchrun_equals_one_process(pairs, tmp_path):
                "-m", "fastsrt.cli", "train-denoiser", str(pairs), "--out", str(tmp_path / "ddp.safetensors"),
                "--epochs", "1", "--batch-size", "4", "--lr", "2e-3", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = Denoiser.load(tmp_path / "ddp.safetensors")
     flat = [torch.cat([v.flatten() for v in weights(d).values()]) for d in (single.denoiser, ddp)]
