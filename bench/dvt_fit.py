@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing fastsrt
 
 import torch  # noqa: E402
 
-import fastsrt  # noqa: E402  (before timm: torchvision shim on a CPU-only torch)
+import fastsrt  # noqa: E402,F401  (before timm: torchvision shim on a CPU-only torch)
 from fastsrt.backbone import Backbone  # noqa: E402
 from fastsrt.dvt.decompose import DecomposeConfig, ViewFeatures, extract_view_features, fit_decomposition  # noqa: E402
 from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode  # noqa: E402

@@ -44,13 +44,16 @@ def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Mo
     kwargs.setdefault("num_classes", 0)
     if pretrained == "auto":
         try:
-            with _hub_offline_unless_reachable():
+            with _hub_offline_unless_reachable() as online:
                 return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as error:  # no network, no cache, no weights for this name: all the same here
             if "Unknown model" in str(error):
                 raise ValueError(f"unknown timm model {name!r}") from error
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            warnings.warn(f"pretrained weights for {name} unavailable ({reason[:100]}); using RANDOM weights")
+            if online:
+                reason = (str(error).splitlines() or [type(error).__name__])[0][:100]
+            else:
+                reason = "the Hugging Face hub cannot be reached and no cached copy exists"
+            warnings.warn(f"no pretrained weights for {name} ({reason}): using RANDOM weights")
             return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained not in (True, False):
         raise ValueError(f"pretrained={pretrained!r} is not one of True, False, 'auto'")
@@ -65,21 +68,21 @@ def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Mo
 @contextlib.contextmanager
 def _hub_offline_unless_reachable(host: str = "huggingface.co", timeout: float = 3.0):
     """Puts huggingface_hub in offline mode (local cache only) while the hub cannot be reached,
-    instead of letting each download retry for about a minute."""
+    instead of letting each download retry for about a minute. Yields whether it is reachable."""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         reachable = True
     except OSError:
         reachable = False
     if reachable:
-        yield
+        yield True
         return
     from huggingface_hub import constants
 
     before = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:
-        yield
+        yield False
     finally:
         constants.HF_HUB_OFFLINE = before
 

@@ -18,35 +18,60 @@ from pathlib import Path
 DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 
-def _add_srt_options(parser: argparse.ArgumentParser, size: int) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
-    parser.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
+PRETRAINED = {"auto": "auto", "yes": True, "no": False}
+DTYPES = {"float32": None, "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _add_model_options(parser: argparse.ArgumentParser, model_help: str = "timm model name") -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: %(default)s)")
+    parser.add_argument("--pretrained", choices=list(PRETRAINED), default="auto",
                         help="auto: pretrained weights when the network or cache has them, else random (default)")
+
+
+def _view_batch(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def _add_srt_options(parser: argparse.ArgumentParser, size: int | None, output: bool = True) -> None:
+    _add_model_options(parser)
     parser.add_argument("--shifts", type=int, default=3, help="shift radius d: 1 + (2d+1)^2 views (default: 3, 50 views)")
     parser.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1)")
     parser.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest")
     parser.add_argument("--padding", choices=["zeros", "replicate", "reflect"], default="zeros")
     parser.add_argument("--reduce", choices=["mean", "median"], default="mean")
     parser.add_argument("--ignore-padding", action="store_true", help="average only over views covering a pixel")
-    parser.add_argument("--output", choices=["pixel", "token"], default="pixel")
+    if output:
+        parser.add_argument("--output", choices=["pixel", "token"], default="pixel")
     parser.add_argument("--impl", choices=["auto", "reference", "fused", "chunked"], default="auto")
-    parser.add_argument("--view-batch", type=int, default=32, help="images per backbone forward (default: 32)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="backbone precision (autocast)")
+    parser.add_argument("--view-batch", type=_view_batch, default="auto",
+                        help="images per backbone forward, or auto: what fits the GPU (32 on a CPU; default)")
     parser.add_argument("--size", type=int, default=size, help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def _build_srt(args):
+def _device(args) -> str:
+    """--device, else this process's GPU (cuda:LOCAL_RANK under torchrun), else the CPU."""
     import torch
 
+    return args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+
+
+def _backbone(args):
     from fastsrt.backbone import Backbone
+
+    return Backbone(args.model, pretrained=PRETRAINED[args.pretrained]).eval()
+
+
+def _build_srt(args, output: str | None = None):
+    import torch
+
     from fastsrt.srt import SRT
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
-    backbone = Backbone(args.model, pretrained=pretrained).eval().to(device)
-    return SRT(backbone, args.shifts, layer=args.layer, upsample=args.upsample, padding=args.padding,
-               reduce=args.reduce, ignore_padding=args.ignore_padding, output=args.output, impl=args.impl,
-               view_batch=args.view_batch)
+    dtype = DTYPES[args.dtype] and getattr(torch, DTYPES[args.dtype])
+    return SRT(_backbone(args).to(_device(args)), args.shifts, layer=args.layer, upsample=args.upsample,
+               padding=args.padding, reduce=args.reduce, ignore_padding=args.ignore_padding,
+               output=output or args.output, impl=args.impl, view_batch=args.view_batch, dtype=dtype)
 
 
 def run_extract(args) -> int:
@@ -54,9 +79,12 @@ def run_extract(args) -> int:
 
     srt = _build_srt(args)
     report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite, picture=not args.no_png)
-    print(f"fastsrt extract: {len(report.written)} written, {len(report.skipped)} already done (skipped), "
-          f"{len(report.failed)} failed -> {args.out}")
-    for path, reason in report.failed:
+    return _print_report("extract", report, args.out)
+
+
+def _print_report(command: str, report, out_dir) -> int:
+    print(f"fastsrt {command}: {report.summary(out_dir)}")
+    for _, reason in report.failed:
         print(f"  failed: {reason}", file=sys.stderr)
     return 1 if report.failed else 0
 
@@ -80,42 +108,34 @@ def run_demo(args) -> int:
     height, width = result.image.shape[-2:]
     print(f"fastsrt demo: {args.model}, {height}x{width} image, raw {tuple(result.raw.shape)} -> SRT {tuple(result.srt.shape)}")
     for step, seconds in steps.items():
-        print(f"  {step:<32} {seconds:8.2f} s")
+        print(f"  {step:<28} {seconds:8.2f} s")
+    print(f"  SRT ran: {srt.impl_used}")
     print(f"picture:  {out / 'demo.png'}\nfeatures: {out / 'demo.safetensors'}")
     return 0
 
 
 def run_fit(args) -> int:
-    import os
-
-    import torch
 
     from fastsrt.dvt.decompose import DecomposeConfig
     from fastsrt.dvt.encoding import GridEncodingConfig
     from fastsrt.dvt.runner import fit_folder
 
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     encoding = GridEncodingConfig(levels=args.levels, features=args.features, log2_table_size=args.log2_table_size,
                                   base_resolution=args.base_resolution, max_resolution=args.max_resolution)
     config = DecomposeConfig(views=args.views, iterations=args.iterations, size=args.size,
                              tokens_per_step=args.tokens_per_step, encoding=encoding, cache_dtype=args.cache_dtype,
                              view_batch=args.view_batch)
-    pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
     report = fit_folder(args.inputs, args.out, args.model, config, layer=args.layer, images_per_fit=args.batch,
-                        seed=args.seed, overwrite=args.overwrite, device=device, impl=args.impl, pretrained=pretrained)
-    print(f"fastsrt fit: {len(report.written)} written, {len(report.skipped)} already done (skipped), "
-          f"{len(report.failed)} failed -> {args.out}")
-    for path, reason in report.failed:
-        print(f"  failed: {reason}", file=sys.stderr)
-    return 1 if report.failed else 0
+                        seed=args.seed, overwrite=args.overwrite, device=device, impl=args.impl,
+                        pretrained=PRETRAINED[args.pretrained])
+    return _print_report("fit", report, args.out)
 
 
 def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="output folder: one <image stem>.safetensors per image")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
-    parser.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
-                        help="auto: pretrained weights when the network or cache has them, else random (default)")
+    _add_model_options(parser)
     parser.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1)")
     parser.add_argument("--size", type=int, default=518, help="image and view side, a patch multiple (default: 518)")
     parser.add_argument("--views", type=int, default=769, help="the full image + random crops (default: 769)")
@@ -135,27 +155,18 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
 def run_train_denoiser(args) -> int:
-    import torch
 
     from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser
 
     if args.srt_targets:
-        from fastsrt.backbone import Backbone
-        from fastsrt.srt import SRT
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
-        backbone = Backbone(args.model, pretrained=pretrained).eval().to(device)
-        srt = SRT(backbone, args.shifts, layer=args.layer, padding=args.padding, output="token", impl=args.impl,
-                  view_batch=args.view_batch)
-        source = SRTTargets(args.source, srt, size=args.size)
+        source = SRTTargets(args.source, _build_srt(args, output="token"), size=args.size)
     else:
         source = PairFolder(args.source, target=args.target)
     options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr,
                "warmup": args.warmup, "weight_decay": args.weight_decay, "amp": args.amp, "num_blocks": args.blocks,
                "seed": args.seed, "save_every": args.save_every, "num_workers": args.workers}
     config = TrainConfig(**{name: value for name, value in options.items() if value is not None})  # None: default
-    result = train_denoiser(source, args.out, config, device=args.device, resume=not args.restart,
+    result = train_denoiser(source, args.out, config, device=_device(args), resume=not args.restart,
                             stop_after=args.stop_after)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return 0
@@ -172,13 +183,10 @@ def run_export(args) -> int:
     from fastsrt.deploy import FixedSizePipeline, compile_module
     from fastsrt.dvt.denoiser import Denoiser
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_device(args))
     denoiser = Denoiser.load(args.checkpoint, backbone=args.model)
     if args.model:
-        from fastsrt.backbone import Backbone
-
-        pretrained = {"auto": "auto", "yes": True, "no": False}[args.pretrained]
-        backbone = Backbone(args.model, pretrained=pretrained).eval()
+        backbone = _backbone(args)
         size = args.image_size or denoiser.grid[0] * backbone.patch_size
         module = FixedSizePipeline(backbone, denoiser, size)
         input_shape, name = (3, *module.image_size), f"{args.model}-dvt-{size}"
@@ -249,14 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target", default="clean", help="target tensor in the pair files (default: %(default)s)")
     train.add_argument("--srt-targets", action="store_true",
                        help="SOURCE is an image folder: targets are SRT token features computed on the fly")
-    train.add_argument("--model", default=DEFAULT_MODEL, help="timm model for --srt-targets (default: %(default)s)")
-    train.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto")
-    train.add_argument("--shifts", type=int, default=3, help="SRT shift radius d (default: 3, 50 views)")
-    train.add_argument("--layer", type=int, default=-1, help="block index for --srt-targets (default: -1)")
-    train.add_argument("--padding", choices=["zeros", "replicate", "reflect"], default="zeros")
-    train.add_argument("--impl", choices=["auto", "reference", "fused", "chunked"], default="auto")
-    train.add_argument("--view-batch", type=int, default=32)
-    train.add_argument("--size", type=int, default=None, help="image side for --srt-targets (default: 37 tokens)")
+    _add_srt_options(train, size=None, output=False)  # the SRT of --srt-targets (--size default: 37 tokens)
     # None leaves TrainConfig's default (the paper's setting) in place
     train.add_argument("--epochs", type=int, help="(default: 10, the paper's)")
     train.add_argument("--batch-size", type=int, help="global batch over all processes (default: 64, the paper's)")
@@ -272,7 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data-loading processes (default: 0)")
     train.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in all (rerun continues)")
     train.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
-    train.add_argument("--device", default=None)
     train.set_defaults(run=run_train_denoiser)
 
     export = commands.add_parser("export", help="compile the denoiser (or ViT + denoiser) for deployment")
@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--batch", type=int, default=1, help="largest batch (default: %(default)s)")
     export.add_argument("--backend", choices=["auto", "tensorrt", "torch", "onnxruntime"], default="auto")
     export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    export.add_argument("--model", default=None, help="timm model: export ViT + denoiser end to end")
-    export.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto")
+    _add_model_options(export, model_help="timm model: export ViT + denoiser end to end")
+    export.set_defaults(model=None)
     export.add_argument("--image-size", type=int, default=None, help="with --model (default: the trained grid x patch)")
     export.add_argument("--cache-dir", default=None, help="ONNX/engine cache (default: $FASTSRT_CACHE or ~/.cache/fastsrt)")
     export.add_argument("--repeat", type=int, default=20, help="timed calls after the parity check (default: %(default)s)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,16 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from fastsrt.io import ImageReadError, list_images, load_image, normalize, resize_to_patch_multiple, save_png, save_tensors
+from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, normalize, resize_to_patch_multiple, save_png, save_tensors
 from fastsrt.srt import SRT
 from fastsrt.viz import heat_colors, pca_colors, side_by_side, to_uint8_image
-
-
-@dataclass
-class ExtractReport:
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -50,7 +43,7 @@ def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures
     seconds["raw forward"] = time.perf_counter() - start
     start = time.perf_counter()
     out = srt.run(batch, std=True)
-    seconds[f"SRT ({len(srt.shifts)} views, {srt.impl_used})"] = time.perf_counter() - start
+    seconds[f"SRT ({len(srt.shifts)} views)"] = time.perf_counter() - start
     return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(), seconds=seconds)
 
 
@@ -66,16 +59,13 @@ def comparison_picture(result: ImageFeatures) -> Image.Image:
     )
 
 
-def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False, picture: bool = True, progress: bool = True) -> ExtractReport:
+def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False, picture: bool = True, progress: bool = True) -> JobReport:
     """For every image in ``inputs`` (files or folders): ``OUT/<stem>.safetensors`` with tensors
     "raw" (C, h, w) and "srt" and, with ``picture``, ``OUT/<stem>.png``."""
     paths = list_images(inputs)
-    stems = [p.stem for p in paths]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise ValueError(f"several inputs share the name {duplicates[0]!r}; outputs are named by file stem")
+    check_unique_stems(paths)
     out_dir = Path(out_dir)
-    report = ExtractReport()
+    report = JobReport()
     metadata = {"layer": srt.layer, "shifts": srt.shifts, "upsample": srt.upsample, "padding": srt.padding,
                 "reduce": srt.reduce, "ignore_padding": srt.ignore_padding, "output": srt.output,
                 "patch_size": srt.patch_size}

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +19,19 @@ from safetensors.torch import load_file, save_file
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class JobReport:
+    """What a folder job did with each input image."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # output already there (resume)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # unreadable, with the reason
+
+    def summary(self, out_dir) -> str:
+        return (f"{len(self.written)} written, {len(self.skipped)} already done (skipped), "
+                f"{len(self.failed)} failed -> {out_dir}")
 
 
 class ImageReadError(ValueError):
@@ -39,6 +53,15 @@ def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             raise FileNotFoundError(f"no such file or folder: {str(item)!r}")
     return found
+
+
+def check_unique_stems(paths: list[Path]) -> None:
+    """Outputs are named by file stem: two inputs with one stem would overwrite each other."""
+    seen = set()
+    for path in paths:
+        if path.stem in seen:
+            raise ValueError(f"several inputs share the name {path.stem!r}; outputs are named by file stem")
+        seen.add(path.stem)
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:

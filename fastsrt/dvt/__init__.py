@@ -1,8 +1,27 @@
 """DVT, Denoising Vision Transformers (Yang et al., ECCV 2024): stage 1, the per-image
 neural-field decomposition; stage 2, the distilled one-block denoiser."""
 from fastsrt.dvt.decompose import DecomposeConfig, Decomposition, decompose
-from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode
-from fastsrt.dvt.runner import fit_folder, iter_pairs, load_pair
 from fastsrt.dvt.denoiser import Denoiser
+from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode
 from fastsrt.dvt.pipeline import DVT
+from fastsrt.dvt.runner import fit_folder, iter_pairs, load_pair
 from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, TrainResult, denoiser_loss, train_denoiser
+
+__all__ = [
+    "DVT",
+    "DecomposeConfig",
+    "Decomposition",
+    "Denoiser",
+    "GridEncodingConfig",
+    "PairFolder",
+    "SRTTargets",
+    "TrainConfig",
+    "TrainResult",
+    "decompose",
+    "denoiser_loss",
+    "fit_folder",
+    "grid_encode",
+    "iter_pairs",
+    "load_pair",
+    "train_denoiser",
+]

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,17 +23,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from fastsrt.dvt.decompose import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
-from fastsrt.io import ImageReadError, list_images, load_image, load_tensors, save_tensors
+from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, load_tensors, save_tensors
 
 FORMAT = "fastsrt.dvt.stage1/1"
 KEYS = ("raw", "clean", "artifact")
-
-
-@dataclass
-class FitReport:
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -56,16 +47,14 @@ def shard(paths: list, rank: int | None = None, world_size: int | None = None) -
 def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfig | None = None, *, layer: int = -1,
                images_per_fit: int = 1, seed: int = 0, overwrite: bool = False, device=None, impl: str = "auto",
                patch_size: int | None = None, pretrained: bool | str = True, rank: int | None = None,
-               world_size: int | None = None, progress: bool = True) -> FitReport:
+               world_size: int | None = None, progress: bool = True) -> JobReport:
     """DVT stage 1 on this shard's images of ``inputs`` (a folder or file, or a list of them),
     ``images_per_fit`` images fitted together; writes ``out_dir/<stem>.safetensors`` (module doc)."""
     config = config or DecomposeConfig()
     if isinstance(images_per_fit, bool) or not isinstance(images_per_fit, int) or images_per_fit < 1:
         raise ValueError(f"images_per_fit must be an int >= 1, got {images_per_fit!r}")
     paths = list_images([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
-    duplicates = sorted(stem for stem, count in Counter(p.stem for p in paths).items() if count > 1)
-    if duplicates:
-        raise ValueError(f"several inputs share the name {duplicates[0]!r}; outputs are named by file stem")
+    check_unique_stems(paths)
     rank, world_size = rank_and_world_size(rank, world_size)
     paths = shard(paths, rank, world_size)
     backbone = backbone_for(model, patch_size=patch_size, pretrained=pretrained)
@@ -75,7 +64,7 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
     metadata = {"format": FORMAT, "model": model if isinstance(model, str) else type(model).__name__, "layer": layer,
                 "image_size": config.size, "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size,
                 "views": config.views, "iterations": config.iterations, "seed": seed}
-    report = FitReport()
+    report = JobReport()
     label = f"DVT stage 1 (rank {rank}/{world_size})" if world_size > 1 else "DVT stage 1"
     bar = tqdm(total=len(paths), desc=label, unit="image", disable=not progress)
 
