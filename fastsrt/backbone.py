@@ -87,6 +87,17 @@ def _hub_offline_unless_reachable(host: str = "huggingface.co", timeout: float =
         constants.HF_HUB_OFFLINE = before
 
 
+def model_name(source) -> str | None:
+    """timm's "architecture.tag" name of a timm model or of a fastsrt Backbone around one; None
+    where it is unknown (a callable, a model built without timm's configuration)."""
+    model = getattr(source, "model", source)
+    config = getattr(model, "pretrained_cfg", None) or {}
+    architecture = config.get("architecture")
+    if not architecture:
+        return None
+    return f"{architecture}.{config['tag']}" if config.get("tag") else architecture
+
+
 def _square(value, what: str) -> int:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if pair[0] != pair[1]:
@@ -152,7 +163,10 @@ class Backbone(TokenSource):
 
     def __init__(self, model: nn.Module | str, pretrained: bool | str = True, pad_to_patch: bool = False, **timm_kwargs):
         if isinstance(model, str):
-            model = load_timm_model(model, pretrained=pretrained, **timm_kwargs)
+            model = load_timm_model(model, pretrained=pretrained, **timm_kwargs).eval()
+        elif getattr(model, "training", False):
+            warnings.warn(f"the {type(model).__name__} is in training mode (dropout and drop-path active); "
+                          "call model.eval() for features")
         if not all(hasattr(model, a) for a in ("forward_intermediates", "patch_embed", "blocks")):
             raise TypeError(
                 f"{type(model).__name__} is not a timm ViT (needs forward_intermediates, patch_embed and "

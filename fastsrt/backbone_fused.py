@@ -29,6 +29,7 @@ from fastsrt.ops.patch_embed import (
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
 
 DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the patch-embedding kernel writes
 DEFAULT_VIEW_BATCH = 32  # images per backbone call where no GPU memory can be measured
 
 
@@ -87,6 +88,7 @@ class FusedViews:
         self._rest = torch.compile(self._rest_of_vit, dynamic=False) if compile else self._rest_of_vit
         self._graphs: dict[tuple, _Graph] = {}
         self._graph_pool = None
+        self.embedding_used: str | None = None
 
     def __call__(self, images: torch.Tensor, shifts: Sequence[tuple[int, int]], padding: str = "zeros",
                  layers: Layers = -1, return_prefix: bool = False) -> BackboneOutput:
@@ -102,7 +104,9 @@ class FusedViews:
         indices. Replays a CUDA graph when asked for and possible."""
         shifts, layers = [tuple(pair) for pair in shifts], tuple(layers)
         if self.cuda_graph and images.is_cuda:
-            key = (tuple(images.shape), images.dtype, images.device, tuple(shifts), padding, layers, return_prefix)
+            weights = next(self.model.parameters())  # a moved or cast model needs new graphs
+            key = (tuple(images.shape), images.dtype, images.device, tuple(shifts), padding, layers, return_prefix,
+                   weights.data_ptr(), weights.dtype)
             if key not in self._graphs:
                 try:
                     self._graphs[key] = self._capture(images, shifts, padding, layers, return_prefix)
@@ -116,25 +120,36 @@ class FusedViews:
             return self._replay(self._graphs[key], images)
         return self.eager(images, shifts, padding, layers, return_prefix)
 
-    def eager(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool, shift_table=None) -> BackboneOutput:
-        """The un-graphed path, inputs as for ``run``."""
+    def eager(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool, shift_table=None,
+              compiled: bool = True) -> BackboneOutput:
+        """The un-graphed path, inputs as for ``run``; ``compiled=False`` skips torch.compile (for
+        one-off calls such as memory probes, which would otherwise each compile a new shape)."""
+        rest = self._rest if compiled else self._rest_of_vit
         with precision(images.device, self.dtype):
             embeddings = self.embed(images, shifts, padding, shift_table)
             grid_size = (images.shape[-2] // self.backbone.patch_size, images.shape[-1] // self.backbone.patch_size)
-            return self._rest(embeddings, grid_size, tuple(layers), return_prefix)
+            return rest(embeddings, grid_size, tuple(layers), return_prefix)
 
     def embed(self, images, shifts, padding, shift_table=None) -> torch.Tensor:
-        """The patch embeddings of all views, in the layout ``model.patch_embed`` returns them."""
+        """The patch embeddings of all views, in the layout ``model.patch_embed`` returns them.
+        ``embedding_used`` records how: "kernel", "torch" (the kernel's reference: no Triton or
+        GPU, or a dtype the kernel does not write) or "patch_embed" (the model's own)."""
         if not self.use_kernel:
+            self.embedding_used = "patch_embed"
             return self.model.patch_embed(shift_images(images, shifts, padding))
         weight, bias = plain_conv_weights(self.model.patch_embed)  # looked up each call: follows .to()
         out_dtype = self.dtype or images.dtype
         patch = self.backbone.patch_size
-        if fused_runnable(images):
+        if out_dtype not in KERNEL_DTYPES:
+            warn_once(f"the fused patch embedding writes float32, bfloat16 or float16, not {out_dtype}: "
+                      "running its torch reference")
+        if out_dtype in KERNEL_DTYPES and fused_runnable(images):
             if shift_table is None:
                 shift_table = torch.tensor(shifts, dtype=torch.int32, device=images.device)
+            self.embedding_used = "kernel"
             embeddings = shift_patch_embed_triton(images, shift_table, weight, bias, patch, padding, out_dtype)
         else:
+            self.embedding_used = "torch"
             embeddings = shift_patch_embed_reference(images, shifts, weight, bias, patch, padding, out_dtype)
         return embeddings.flatten(1, 2) if self.model.patch_embed.flatten else embeddings
 
@@ -178,34 +193,38 @@ class FusedViews:
         )
 
     def _capture(self, images, shifts, padding, layers, return_prefix) -> _Graph:
-        static_images = images.clone()
-        shift_table = torch.tensor(shifts, dtype=torch.int32, device=images.device)  # no host copy inside capture
+        with torch.cuda.device(images.device):  # streams and the capture belong to the images' GPU
+            static_images = images.clone()
+            shift_table = torch.tensor(shifts, dtype=torch.int32, device=images.device)  # no host copy in capture
 
-        def views():
-            return self.eager(static_images, shifts, padding, layers, return_prefix, shift_table)
+            def views():
+                return self.eager(static_images, shifts, padding, layers, return_prefix, shift_table)
 
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
-        with torch.cuda.stream(side):  # warm-up: Triton/compile JIT and cuBLAS workspaces outside the capture
-            for _ in range(2):
-                views()
-        torch.cuda.current_stream(images.device).wait_stream(side)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):  # graphs share one pool: replayed one at a time
-            output = views()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: Triton/compile JIT and cuBLAS workspaces outside the capture
+                for _ in range(2):
+                    views()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.empty_cache()  # the warm-up's cached blocks cannot serve the graph's private pool
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):  # graphs share one pool: replayed one at a time
+                output = views()
         return _Graph(graph, static_images, output)
 
 
 def auto_view_batch(run_views: Callable[[int], object], views: int, batch: int, kept_bytes_per_image: int,
-                    device: torch.device) -> int:
+                    device: torch.device, activation_copies: int = 1) -> int:
     """Images (views x batch) per backbone call that fit the free GPU memory.
 
     run_views(n) runs the first n views of the batch once. The memory of one more image is measured
     as the peak difference between a 1-view and a 4-view call; the batch is what fits 80% of the
     free memory after the fixed cost and the token grids kept for every view
-    (kept_bytes_per_image each). On CPU (nothing to measure): DEFAULT_VIEW_BATCH.
+    (kept_bytes_per_image each). ``activation_copies=2`` budgets for CUDA graphs, whose private
+    pool holds a call's activations beside the allocator's. On CPU (nothing to measure):
+    DEFAULT_VIEW_BATCH.
     """
     total = views * batch
     if device.type != "cuda":
@@ -222,7 +241,7 @@ def auto_view_batch(run_views: Callable[[int], object], views: int, batch: int, 
             run_views(count)
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - before)
-    per_image = max((peaks[1] - peaks[0]) / ((probe - 1) * batch), 1.0)
+    per_image = activation_copies * max((peaks[1] - peaks[0]) / ((probe - 1) * batch), 1.0)
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     budget = 0.8 * free - peaks[0] - kept_bytes_per_image * total
     return int(max(batch, min(total, budget // per_image)))

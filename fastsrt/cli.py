@@ -154,6 +154,8 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+
+
 def run_train_denoiser(args) -> int:
 
     from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser

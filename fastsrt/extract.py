@@ -16,6 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, normalize, resize_to_patch_multiple, save_png, save_tensors
+from fastsrt.backbone import model_name
+from fastsrt.backbone_fused import precision
 from fastsrt.srt import SRT
 from fastsrt.viz import heat_colors, pca_colors, side_by_side, to_uint8_image
 
@@ -37,14 +39,21 @@ def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures
     image = resize_to_patch_multiple(image, short_side, srt.patch_size)
     batch = normalize(image, srt.backbone.mean, srt.backbone.std)[None].to(device)
     seconds = {}
-    start = time.perf_counter()
-    with torch.no_grad():
+    start = _now(device)
+    with torch.no_grad(), precision(device, srt.dtype):
         raw = srt.backbone(batch, srt.layer).tokens[0][0]
-    seconds["raw forward"] = time.perf_counter() - start
-    start = time.perf_counter()
+    seconds["raw forward"] = _now(device) - start
+    start = _now(device)
     out = srt.run(batch, std=True)
-    seconds[f"SRT ({len(srt.shifts)} views)"] = time.perf_counter() - start
+    seconds[f"SRT ({len(srt.shifts)} views)"] = _now(device) - start
     return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(), seconds=seconds)
+
+
+def _now(device: torch.device) -> float:
+    """A wall-clock reading after the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def comparison_picture(result: ImageFeatures) -> Image.Image:
@@ -66,8 +75,8 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
     check_unique_stems(paths)
     out_dir = Path(out_dir)
     report = JobReport()
-    metadata = {"layer": srt.layer, "shifts": srt.shifts, "upsample": srt.upsample, "padding": srt.padding,
-                "reduce": srt.reduce, "ignore_padding": srt.ignore_padding, "output": srt.output,
+    metadata = {"model": model_name(srt.backbone), "layer": srt.layer, "shifts": srt.shifts,
+                "upsample": srt.upsample, "padding": srt.padding, "reduce": srt.reduce, "ignore_padding": srt.ignore_padding, "output": srt.output,
                 "patch_size": srt.patch_size}
     for path in tqdm(paths, desc="extract", unit="image", disable=not progress):
         target = out_dir / f"{path.stem}.safetensors"

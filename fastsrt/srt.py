@@ -152,9 +152,9 @@ class SRT(nn.Module):
     def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Backbone tokens of every view: per layer (K, B, C, h, w), and the prefix tokens per layer
         (K, B, P, C) when asked for. Views go through the backbone ``view_batch`` images at a time,
-        by the fused path (``impl``) or as shifted images; ``views_used`` records which."""
+        by the fused path (``impl``) or as shifted images; ``views_used`` records which ("fused"
+        only where the patch-embedding kernel ran)."""
         fused = self._use_fused_views(images)
-        self.views_used = "fused" if fused else "reference"
 
         def run_views(shifts: list[tuple[int, int]]):
             if fused:
@@ -162,18 +162,25 @@ class SRT(nn.Module):
             with precision(images.device, self.dtype):
                 return self.backbone(shift_images(images, shifts, self.padding), self.layers, return_prefix=prefix)
 
-        batch = images.shape[0]
+        views, batch = len(self.shifts), images.shape[0]
         views_per_call = max(1, self._view_batch(images, prefix, fused) // batch)
-        tokens = [[] for _ in self.layers]
-        prefixes = [[] for _ in self.layers]
-        for start in range(0, len(self.shifts), views_per_call):
+        tokens, prefixes = [], []  # per layer (K, B, ...), filled chunk by chunk: no second copy
+        for start in range(0, views, views_per_call):
             shifts = self.shifts[start : start + views_per_call]
             out = run_views(shifts)
             for i, layer_tokens in enumerate(out.tokens):
-                tokens[i].append(layer_tokens.unflatten(0, (len(shifts), batch)))
+                chunk = layer_tokens.unflatten(0, (len(shifts), batch))
+                if start == 0:
+                    tokens.append(chunk.new_empty((views, *chunk.shape[1:])))
+                tokens[i][start : start + len(shifts)] = chunk
                 if prefix:
-                    prefixes[i].append(out.prefix[i].unflatten(0, (len(shifts), batch)))
-        return [torch.cat(t) for t in tokens], [torch.cat(p) for p in prefixes] if prefix else []
+                    chunk = out.prefix[i].unflatten(0, (len(shifts), batch))
+                    if start == 0:
+                        prefixes.append(chunk.new_empty((views, *chunk.shape[1:])))
+                    prefixes[i][start : start + len(shifts)] = chunk
+        kernel_ran = fused and self.fused_views.embedding_used == "kernel"
+        self.views_used = "fused" if kernel_ran else "reference"
+        return tokens, prefixes
 
     def _use_fused_views(self, images: torch.Tensor) -> bool:
         if self.impl in ("reference", "chunked") or (self.impl == "auto" and not (images.is_cuda and triton is not None)):
@@ -195,12 +202,15 @@ class SRT(nn.Module):
         key = (tuple(images.shape), images.dtype, images.device, fused, prefix)
         if key not in self._auto_view_batch:
             if fused:
-                probe = lambda n: self.fused_views.eager(images, self.shifts[:n], self.padding, self.layers, prefix)  # noqa: E731
+                probe = lambda n: self.fused_views.eager(images, self.shifts[:n], self.padding, self.layers, prefix,  # noqa: E731
+                                                         compiled=False)
             else:
                 probe = lambda n: self.backbone(shift_images(images, self.shifts[:n], self.padding), self.layers, prefix)  # noqa: E731
             h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
             channels = getattr(self.backbone, "embed_dim", 1024)  # a callable's width is unknown: a generous guess
             kept = 4 * len(self.layers) * channels * (h * w + self.backbone.num_prefix_tokens)  # float32 token grids
             with precision(images.device, self.dtype):
-                self._auto_view_batch[key] = auto_view_batch(probe, len(self.shifts), images.shape[0], kept, images.device)
+                copies = 2 if fused and self.cuda_graph else 1
+                self._auto_view_batch[key] = auto_view_batch(probe, len(self.shifts), images.shape[0], kept,
+                                                             images.device, activation_copies=copies)
         return self._auto_view_batch[key]

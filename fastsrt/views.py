@@ -46,8 +46,11 @@ def random_shifts(count: int, max_shift: int, seed: int = 0, include_identity: b
 def as_shifts(shifts: int | Sequence[Sequence[int]]) -> list[Shift]:
     """Normalise a user's ``shifts``: an int d means ``paper_grid(d)``; otherwise a non-empty
     sequence of integer (dy, dx) pairs, duplicates allowed."""
-    if isinstance(shifts, int) and not isinstance(shifts, bool):
-        return paper_grid(shifts)
+    if not isinstance(shifts, bool):
+        try:
+            return paper_grid(operator.index(shifts))  # an int, numpy integer or 0-d integer tensor
+        except TypeError:
+            pass
     if hasattr(shifts, "tolist"):  # a tensor or numpy array of shape (K, 2)
         shifts = shifts.tolist()
     if not isinstance(shifts, Sequence) or isinstance(shifts, str) or len(shifts) == 0:

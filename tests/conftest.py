@@ -6,6 +6,9 @@ import torch
 # before any kernel is defined (shared/REFERENCE.md, traps).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# float32 parity on a GPU: cuDNN and cuBLAS would otherwise round inputs to TF32 (~3e-4 relative)
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest  # noqa: E402
 

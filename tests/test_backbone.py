@@ -104,3 +104,10 @@ def test_callable_backbone_checks_its_output():
 def test_bad_images(images, error, match):
     with pytest.raises(error, match=match):
         Backbone(tiny_vit())(images)
+
+
+def test_module_in_training_mode_warns():
+    model = tiny_vit().train()
+    with pytest.warns(UserWarning, match="training mode"):
+        Backbone(model)
+    assert not Backbone("vit_small_patch14_dinov2", pretrained=False, depth=1, embed_dim=32, num_heads=2).model.training

@@ -124,6 +124,17 @@ def test_srt_fused_on_a_callable_backbone_warns_once_and_runs_the_reference(monk
     assert srt.views_used == "reference"
 
 
+def test_srt_fused_in_float64_runs_the_torch_embedding_and_says_so(monkeypatch):
+    monkeypatch.setattr(pe, "_warned", set())
+    model = tiny_vit("vit_small_patch14_dinov2").to(DEVICE).double()
+    images = torch.randn(1, 3, 28, 42, device=DEVICE, dtype=torch.float64)
+    srt = fastsrt.SRT(model, shifts=1, impl="fused")
+    with pytest.warns(UserWarning, match="not torch.float64"):
+        fused = srt(images)
+    assert srt.views_used == "reference" and fused.dtype == torch.float64
+    assert rel_err(fused, fastsrt.SRT(model, shifts=1, impl="reference")(images)) <= 1e-12
+
+
 def test_srt_auto_picks_fused_on_cuda_only_and_new_options_are_checked():
     model = tiny_vit("vit_small_patch14_dinov2")
     srt = fastsrt.SRT(model, shifts=1)

@@ -32,6 +32,7 @@ def test_as_shifts_accepts_int_lists_tensors_numpy_and_duplicates():
     assert as_shifts([(0, 0), (0, 0), (1, -2)]) == [(0, 0), (0, 0), (1, -2)]
     assert as_shifts(torch.tensor([[1, 2]])) == [(1, 2)]
     assert as_shifts(np.array([[3, -1]])) == [(3, -1)]
+    assert as_shifts(np.int64(1)) == as_shifts(torch.tensor(1)) == paper_grid(1)
 
 
 @pytest.mark.parametrize("bad", [[], "ab", [(1,)], [(1, 2, 3)], [(0.5, 1)], [(True, 0)], -1, 1.5])
