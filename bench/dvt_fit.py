@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 import fastsrt  # noqa: E402,F401  (before timm: torchvision shim on a CPU-only torch)
 from fastsrt.backbone import Backbone  # noqa: E402
-from fastsrt.dvt.decompose import DecomposeConfig, ViewFeatures, extract_view_features, fit_decomposition  # noqa: E402
+from fastsrt.dvt.decomposition import DecomposeConfig, ViewFeatures, extract_view_features, fit_decomposition  # noqa: E402
 from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode  # noqa: E402
 from fastsrt.dvt.extension import load_extension  # noqa: E402
 from fastsrt.sample import sample_image  # noqa: E402

@@ -116,7 +116,7 @@ def run_demo(args) -> int:
 
 def run_fit(args) -> int:
 
-    from fastsrt.dvt.decompose import DecomposeConfig
+    from fastsrt.dvt.decomposition import DecomposeConfig
     from fastsrt.dvt.encoding import GridEncodingConfig
     from fastsrt.dvt.runner import fit_folder
 

@@ -9,7 +9,7 @@ import fastsrt
 import fastsrt.dvt
 from fastsrt.backbone import Backbone
 from fastsrt.dvt.crops import render_views, sample_crops, token_coordinates
-from fastsrt.dvt.decompose import (
+from fastsrt.dvt.decomposition import (
     DecomposeConfig,
     decomposition_loss,
     extract_view_features,

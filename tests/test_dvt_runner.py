@@ -7,7 +7,7 @@ import fastsrt
 from fastsrt.cli import main
 from fastsrt.dvt import iter_pairs, load_pair
 from fastsrt.dvt import runner as runner_module
-from fastsrt.dvt.decompose import DecomposeConfig
+from fastsrt.dvt.decomposition import DecomposeConfig
 from fastsrt.dvt.encoding import GridEncodingConfig
 from fastsrt.dvt.runner import FORMAT, fit_folder, load_fit, shard
 from fastsrt.io import normalize, save_tensors

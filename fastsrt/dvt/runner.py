@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from fastsrt.dvt.decompose import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
+from fastsrt.dvt.decomposition import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
 from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, load_tensors, save_tensors
 
 FORMAT = "fastsrt.dvt.stage1/1"
