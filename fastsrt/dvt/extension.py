@@ -1,8 +1,8 @@
 """Builds (at first use, cached) and loads fastsrt's C++/CUDA grid-encoding extension.
 
-The sources live in ``csrc/`` beside the package (an editable install or a plain checkout). The
-build goes to ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastsrt/extensions``, in a folder named by a
-hash of the sources, torch and Python, so it is compiled once and reused by later processes.
+The sources live in ``fastsrt/csrc/`` and ship with the package (package data: every install,
+editable or from a wheel, has them). The build goes to ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/fastsrt/extensions``, in a folder named by a hash of the sources, torch and Python, so it is compiled once and reused by later processes.
 CUDA kernels are compiled in where torch has CUDA, a GPU is visible and nvcc is found. Where the
 extension cannot be built (no compiler, no sources, a failed build, or ``FASTSRT_NO_EXTENSION=1``)
 ``load_extension`` warns once and returns None, and callers use the torch encoding.
@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("grid_encoding.h", "grid_encoding.cpp", "grid_encoding_cuda.cu")
 
 
@@ -49,7 +49,7 @@ def load_extension() -> ModuleType | None:
         return None
     missing = [name for name in SOURCES if not (CSRC / name).is_file()]
     if missing:
-        _unavailable(f"sources not found in {CSRC}: {', '.join(missing)}; install fastsrt editable or run from a checkout")
+        _unavailable(f"sources not found in {CSRC}: {', '.join(missing)}; reinstall fastsrt")
         return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
