@@ -188,3 +188,20 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("FASTSRT_NO_EXTENSION", "1")
     with pytest.warns(UserWarning, match="FASTSRT_NO_EXTENSION"):
         assert extension_module.load_extension.__wrapped__() is None
+
+
+def test_build_key_follows_the_gpu_architectures(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    capabilities = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    assert extension_module.cuda_architectures() == "8.0;9.0"
+    a100_h100 = extension_module.build_key(with_cuda=True)
+    capabilities[1] = (8, 0)
+    assert extension_module.cuda_architectures() == "8.0"
+    assert extension_module.build_key(with_cuda=True) != a100_h100
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert extension_module.build_key(with_cuda=True) not in (a100_h100, extension_module.build_key(with_cuda=False))
+    cpu = extension_module.build_key(with_cuda=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert extension_module.build_key(with_cuda=False) == cpu  # a CPU build does not depend on GPUs
