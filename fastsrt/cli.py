@@ -177,6 +177,10 @@ def run_train_denoiser(args) -> int:
     return 0
 
 
+class BackendError(Exception):
+    """A deployment backend that could not build or run: reported in one line, exit code 1."""
+
+
 def run_export(args) -> int:
     import torch
 
@@ -195,7 +199,15 @@ def run_export(args) -> int:
         module = denoiser.at_grid(grid)
         input_shape, name = (denoiser.dim, *grid), f"denoiser-{grid[0]}x{grid[1]}"
     module = module.to(device).eval()
-    compiled = compile_module(module, input_shape, args.batch, args.backend, args.precision, device, args.cache_dir)
+    inputs = torch.randn(args.batch, *input_shape, device=device)
+    with torch.no_grad():
+        expected = module(inputs)  # eager float32, before any backend touches the module
+    try:
+        compiled = compile_module(module, input_shape, args.batch, args.backend, args.precision, device, args.cache_dir)
+        actual = compiled(inputs)
+    except RuntimeError as error:  # a backend that fails to build or run (TensorRT, onnxruntime, torch.compile)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BackendError(f"the {args.backend} backend failed ({args.precision} on {device}): {first_line}") from error
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -204,10 +216,6 @@ def run_export(args) -> int:
         target.write_bytes(path.read_bytes())
         written.append(target)
 
-    inputs = torch.randn(args.batch, *input_shape, device=device)
-    with torch.no_grad():
-        expected = module(inputs)
-    actual = compiled(inputs)
     error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
     times = []
     for _ in range(args.repeat + 3):
@@ -300,6 +308,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as error:
         print(f"fastsrt: error: {error}", file=sys.stderr)
         return 2
+    except BackendError as error:
+        print(f"fastsrt: error: {error} (rerun with another --backend or --precision)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastsrt: interrupted; finished outputs are kept", file=sys.stderr)
         return 130

@@ -126,6 +126,40 @@ def test_cli_export(denoiser, tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_cli_export_torch_bf16_leaves_the_eager_check_in_float32(denoiser, tmp_path, capsys):
+    path = denoiser.save(tmp_path / "den.safetensors")
+    arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--backend", "torch", "--precision", "bf16",
+                 "--device", "cpu", "--repeat", "1"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "backend torch" in printed
+    assert float(printed.split("relative error vs eager float32: ")[1].split(";")[0]) <= 2e-2
+
+
+def test_torch_backend_runs_a_copy(denoiser):
+    den = Denoiser(128, grid=(4, 4), backbone=NAME)
+    den.load_state_dict(denoiser.state_dict())
+    compiled = deploy.compile_module(den, (128, 4, 4), 2, backend="torch", precision="bf16", device="cpu")
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in den.parameters())  # the caller's module as it was
+    tokens = torch.randn(2, 128, 4, 4)
+    with torch.no_grad():
+        expected = den(tokens)
+    actual = compiled(tokens)
+    assert actual.dtype == torch.float32 and 0 < rel_err(actual, expected) <= 2e-2
+
+
+def test_cli_export_reports_a_failing_backend_in_one_line(denoiser, tmp_path, capsys, monkeypatch):
+    def broken_backend(*args, **kwargs):
+        raise RuntimeError("TensorRT cannot parse model.onnx: unsupported node\n  (a long log follows)")
+
+    monkeypatch.setattr(deploy, "compile_module", broken_backend)
+    path = denoiser.save(tmp_path / "den.safetensors")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "backend failed" in error and "cannot parse model.onnx" in error
+    assert not (tmp_path / "out").exists()
+
+
 @requires_cuda
 def test_torch_backend_cuda_graph_matches_eager(denoiser, cache):
     den = denoiser.to("cuda")

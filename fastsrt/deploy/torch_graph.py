@@ -6,6 +6,8 @@ and the norms act within a sample).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -13,6 +15,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchRunner:
+    """Runs a copy of ``module`` in the chosen precision on ``device`` (the caller's module is left
+    as it is); inputs of any floating dtype are cast in, outputs cast back to the input's dtype."""
+
     def __init__(self, module: nn.Module, input_shape, batch: int, precision: str = "fp32", device="cpu",
                  compile: bool | None = None, cuda_graph: bool | None = None, compile_mode: str = "default"):
         self.device, self.dtype = torch.device(device), DTYPES[precision]
@@ -21,7 +26,7 @@ class TorchRunner:
         use_graph = on_gpu if cuda_graph is None else cuda_graph
         if use_graph and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
-        module = module.to(self.device, self.dtype).eval().requires_grad_(False)
+        module = copy.deepcopy(module).to(self.device, self.dtype).eval().requires_grad_(False)
         self.function = torch.compile(module, mode=compile_mode, fullgraph=True, dynamic=False) if self.compiled else module
         self.graph = None
         if use_graph:
