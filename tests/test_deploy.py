@@ -148,6 +148,13 @@ def test_torch_backend_runs_a_copy(denoiser):
     assert actual.dtype == torch.float32 and 0 < rel_err(actual, expected) <= 2e-2
 
 
+def test_torch_backend_rejects_nested_cuda_graphs(denoiser):
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+            deploy.compile(denoiser, grid=(4, 4), backend="torch", device="cpu", compile=True, cuda_graph=True,
+                           compile_mode=mode)
+
+
 def test_cli_export_reports_a_failing_backend_in_one_line(denoiser, tmp_path, capsys, monkeypatch):
     def broken_backend(*args, **kwargs):
         raise RuntimeError("TensorRT cannot parse model.onnx: unsupported node\n  (a long log follows)")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch.compile modes that capture CUDA graphs themselves: a second capture around them fails
+GRAPHING_MODES = ("reduce-overhead", "max-autotune")
 
 
 class TorchRunner:
@@ -24,6 +26,8 @@ class TorchRunner:
         on_gpu = self.device.type == "cuda"
         self.compiled = on_gpu if compile is None else compile
         use_graph = on_gpu if cuda_graph is None else cuda_graph
+        if use_graph and self.compiled and compile_mode in GRAPHING_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs itself; pass cuda_graph=False with it")
         if use_graph and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         module = copy.deepcopy(module).to(self.device, self.dtype).eval().requires_grad_(False)
