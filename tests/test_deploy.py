@@ -1,5 +1,6 @@
 """Deployment: ONNX export + ONNX Runtime vs eager, the ViT + denoiser path, the engine cache key,
 backend choice, input checks; TensorRT and CUDA graphs where a GPU (and TensorRT) are present."""
+import copy
 import importlib.util
 import os
 
@@ -54,11 +55,21 @@ def test_vit_plus_denoiser_exports_at_a_fixed_image_size(denoiser, cache):
         deploy.FixedSizePipeline(tiny_vit(embed_dim=64), denoiser, 56)
 
 
-def test_compile_reuses_the_cached_export(denoiser, cache):
-    first = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=cache)
+def test_compile_reuses_the_cached_export_until_the_weights_change(denoiser, tmp_path):
+    first = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=tmp_path)
     stamp = first.files["onnx"].stat().st_mtime_ns
-    again = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=cache)
+    again = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=tmp_path)
     assert again.files["onnx"] == first.files["onnx"] and again.files["onnx"].stat().st_mtime_ns == stamp
+
+    changed = copy.deepcopy(denoiser)
+    with torch.no_grad():
+        changed.denoiser.attn.proj.weight[0, 0] += 0.5
+    other = deploy.compile(changed, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=tmp_path)
+    assert other.files["onnx"] != first.files["onnx"] and first.files["onnx"].stat().st_mtime_ns == stamp
+    assert sorted((tmp_path / "onnx").iterdir()) == sorted([first.files["onnx"], other.files["onnx"]])
+    tokens = torch.randn(1, 128, 4, 4)
+    with torch.no_grad():  # each file holds its own weights
+        assert rel_err(other(tokens), changed(tokens)) <= 1e-4 and rel_err(first(tokens), denoiser(tokens)) <= 1e-4
 
 
 def test_cache_key_follows_weights_shapes_precision_and_version(denoiser):
@@ -169,7 +180,7 @@ def test_cli_export_reports_a_failing_backend_in_one_line(denoiser, tmp_path, ca
 
 @requires_cuda
 def test_torch_backend_cuda_graph_matches_eager(denoiser, cache):
-    den = denoiser.to("cuda")
+    den = copy.deepcopy(denoiser).to("cuda")  # the module-scoped fixture stays on the CPU
     compiled = deploy.compile(den, grid=(4, 4), batch=4, backend="torch", device="cuda", cache_dir=cache)
     for batch in (4, 1):
         tokens = torch.randn(batch, 128, 4, 4, device="cuda")
@@ -179,14 +190,13 @@ def test_torch_backend_cuda_graph_matches_eager(denoiser, cache):
     tokens = torch.randn(2, 128, 4, 4, device="cuda")
     with torch.no_grad():
         assert rel_err(compiled(tokens), den(tokens)) <= 2e-2
-    denoiser.to("cpu")
 
 
 @requires_cuda
 @requires_tensorrt
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("bf16", 3e-2)])
 def test_tensorrt_matches_eager(denoiser, tmp_path, precision, tolerance):
-    den = denoiser.to("cuda")
+    den = copy.deepcopy(denoiser).to("cuda")  # the module-scoped fixture stays on the CPU
     compiled = deploy.compile(den, grid=(4, 4), batch=4, backend="tensorrt", precision=precision, device="cuda",
                               cache_dir=tmp_path)
     assert compiled.files["engine"].is_file()
@@ -198,7 +208,6 @@ def test_tensorrt_matches_eager(denoiser, tmp_path, precision, tolerance):
     again = deploy.compile(den, grid=(4, 4), batch=4, backend="tensorrt", precision=precision, device="cuda",
                            cache_dir=tmp_path)
     assert os.stat(again.files["engine"]).st_mtime_ns == stamp  # served from the engine cache
-    denoiser.to("cpu")
 
 
 def test_cli_export_of_vit_plus_denoiser(tmp_path, capsys):
