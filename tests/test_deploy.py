@@ -43,6 +43,15 @@ def test_onnxruntime_matches_eager_at_another_grid_and_batches(denoiser, cache):
         assert rel_err(compiled(tokens), expected) <= 1e-4
 
 
+def test_export_uses_operators_tensorrt_parses(denoiser, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    path = deploy.export_onnx(denoiser.at_grid((4, 4)), (128, 4, 4), tmp_path / "den.onnx", max_batch=4)
+    model = onnx.load(str(path))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    operators = {node.op_type for node in model.graph.node}
+    assert "Gelu" not in operators and "LayerNormalization" in operators and "Erf" in operators
+
+
 def test_vit_plus_denoiser_exports_at_a_fixed_image_size(denoiser, cache):
     model = tiny_vit(embed_dim=128)
     compiled = deploy.compile_pipeline(model, denoiser, (56, 84), batch=2, backend="onnxruntime", cache_dir=cache)
