@@ -232,6 +232,8 @@ def train_denoiser(
     device = torch.device(device)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank to the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
