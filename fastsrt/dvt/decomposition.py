@@ -30,6 +30,7 @@ from fastsrt.backbone import TokenSource, as_backbone
 from fastsrt.checks import check_choice
 from fastsrt.dvt.crops import render_views, sample_crops, token_coordinates
 from fastsrt.dvt.encoding import GridEncodingConfig, extension_for, grid_encode
+from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import load_image, normalize
 
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -98,12 +99,8 @@ class DecomposeConfig:
         check_choice("backbone_dtype", self.backbone_dtype, CACHE_DTYPES)
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up to lr, then cosine from lr to min_lr at the last step."""
-        warmup_steps = round(self.warmup * self.iterations)
-        if step < warmup_steps:
-            return self.lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, self.iterations - 1 - warmup_steps)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        """Linear warm-up to lr, then cosine from lr to min_lr at the last step (``warmup_cosine``)."""
+        return warmup_cosine(step, self.iterations, self.lr, self.min_lr, round(self.warmup * self.iterations))
 
 
 @dataclass

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from fastsrt.checks import check_choice
 from fastsrt.dvt.denoiser import Denoiser, backbone_name
+from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import atomic_path, list_images, load_image, load_metadata, load_tensors, normalize, tensor_shapes
 from fastsrt.srt import SRT
 
@@ -73,14 +74,6 @@ def denoiser_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """mse + (1 - cosine similarity over channels, averaged over tokens), in float32."""
     prediction, target = prediction.float(), target.float()
     return F.mse_loss(prediction, target) + (1 - F.cosine_similarity(prediction, target, dim=1).mean())
-
-
-def learning_rate(step: int, total: int, base: float, minimum: float, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``base`` to ``minimum``."""
-    if step < warmup_steps:
-        return base * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class PairFolder(Dataset):
@@ -285,7 +278,7 @@ def train_denoiser(
         for batch in loader:
             raw, target = source.make_pairs(batch, device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, config.base_lr(), config.min_lr, warmup_steps)
+                group["lr"] = warmup_cosine(step, total, config.base_lr(), config.min_lr, warmup_steps)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 prediction = model(raw)
             loss = denoiser_loss(prediction, target)
