@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -54,7 +53,9 @@ def _device(args) -> str:
     """--device, else this process's GPU (cuda:LOCAL_RANK under torchrun), else the CPU."""
     import torch
 
-    return args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    from fastsrt.dvt.distributed import local_rank
+
+    return args.device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
 
 
 def _backbone(args):
@@ -156,6 +157,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
 def run_train_denoiser(args) -> int:
 
+    from fastsrt.dvt.distributed import rank_and_world_size
     from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser
 
     if args.srt_targets:
@@ -168,7 +170,7 @@ def run_train_denoiser(args) -> int:
     config = TrainConfig(**{name: value for name, value in options.items() if value is not None})  # None: default
     result = train_denoiser(source, args.out, config, device=_device(args), resume=not args.restart,
                             stop_after=args.stop_after)
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+    if rank_and_world_size()[0] != 0:  # under torchrun, rank 0 reports
         return 0
     if result.finished:
         print(f"fastsrt train-denoiser: {result.step} steps, final loss {result.losses[-1]:.4f} -> {args.out}")

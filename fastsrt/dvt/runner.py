@@ -23,19 +23,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from fastsrt.dvt.decomposition import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
+from fastsrt.dvt.distributed import rank_and_world_size
 from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, load_tensors, save_tensors
 
 FORMAT = "fastsrt.dvt.stage1/1"
 KEYS = ("raw", "clean", "artifact")
-
-
-def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """The given values, else the RANK and WORLD_SIZE environment variables torchrun sets, else 0 and 1."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
 
 
 def shard(paths: list, rank: int | None = None, world_size: int | None = None) -> list:

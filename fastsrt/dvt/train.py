@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from fastsrt.checks import check_choice
 from fastsrt.dvt.denoiser import Denoiser, backbone_name
+from fastsrt.dvt.distributed import local_rank, rank_and_world_size
 from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import atomic_path, list_images, load_image, load_metadata, load_tensors, normalize, tensor_shapes
 from fastsrt.srt import SRT
@@ -171,12 +172,6 @@ class SRTTargets(Dataset):
             return raw, self.srt(images)
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
 def _fingerprint(config: TrainConfig, source) -> dict:
     settings = asdict(config)
     return {**{k: settings[k] for k in _RESULT_FIELDS}, "betas": list(config.betas), "pairs": len(source),
@@ -211,7 +206,7 @@ def train_denoiser(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"the denoiser is written as .safetensors, got --out {str(out)!r}")
-    rank, world, local_rank = _distributed()
+    rank, world = rank_and_world_size()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
     steps_per_epoch = len(source) // config.batch_size
@@ -221,7 +216,7 @@ def train_denoiser(
     warmup_steps = round(config.warmup * total)
 
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
