@@ -80,7 +80,7 @@ def test_writes_the_stage_one_file_format(folder, tmp_path, backbone):
     assert metadata["format"] == FORMAT and metadata["image_size"] == 32 and metadata["patch_size"] == 8
     assert metadata["iterations"] == 4 and metadata["views"] == 3 and metadata["layer"] == -1 and metadata["grid"] == 4
     assert metadata["source"] == str(folder / "c.png") and metadata["source_size"] == [28, 24]
-    assert metadata["model"] == "CallableBackbone" and metadata["encoding"] in ("extension", "reference")
+    assert "model" not in metadata and metadata["encoding"] in ("extension", "reference")  # a callable has no name
     # "raw" is the backbone's output on the full image, resized to size x size
     image = fastsrt.io.load_image(folder / "c.png")
     square = F.interpolate(image[None], size=(32, 32), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
@@ -161,3 +161,31 @@ def test_cli_fit_resumes_and_reports(folder, tmp_path, capsys):
     assert "0 written, 4 already done (skipped), 1 failed" in capsys.readouterr().out
     assert main(args[:-2] + ["--iterations", "1"]) == 2  # a bad setting: a clear error, no traceback
     assert "iterations must be" in capsys.readouterr().err
+
+
+def test_pairs_of_a_timm_module_train_a_denoiser_that_module_accepts(folder, tmp_path):
+    from conftest import tiny_vit
+
+    from fastsrt.dvt import PairFolder, TrainConfig, train_denoiser
+
+    vit = tiny_vit(embed_dim=64)
+    config = DecomposeConfig(views=2, iterations=2, size=28, tokens_per_step=8, encoding=CONFIG.encoding)
+    fit_folder(folder, tmp_path / "fits", vit, config, progress=False)
+    assert load_fit(tmp_path / "fits" / "a.safetensors")[1]["model"] == "vit_small_patch14_dinov2.lvd142m"
+    pairs = PairFolder(tmp_path / "fits")
+    assert pairs.backbone == "vit_small_patch14_dinov2.lvd142m"
+    denoiser = train_denoiser(pairs, tmp_path / "den.safetensors", TrainConfig(epochs=1, batch_size=2), progress=False).denoiser
+    assert denoiser.backbone == "vit_small_patch14_dinov2.lvd142m"
+    images = torch.randn(1, 3, 28, 28)
+    assert fastsrt.DVT(vit, denoiser)(images).shape == (1, 64, 2, 2)
+    assert fastsrt.DVT(vit, tmp_path / "den.safetensors")(images).shape == (1, 64, 2, 2)
+
+
+def test_pairs_without_a_timm_name_train_a_denoiser_for_any_backbone(folder, tmp_path, backbone):
+    from fastsrt.dvt import PairFolder
+
+    fit_folder(folder, tmp_path / "fits", backbone, CONFIG, progress=False)
+    assert PairFolder(tmp_path / "fits").backbone is None
+    tensors, metadata = load_fit(tmp_path / "fits" / "a.safetensors")
+    save_tensors(tmp_path / "fits" / "a.safetensors", tensors, {**metadata, "model": "VisionTransformer"})  # older files
+    assert PairFolder(tmp_path / "fits").backbone is None

@@ -2,9 +2,9 @@
 
 Each file holds float32 (C, K, K) tensors on the full image's K x K token grid:
 "raw" (the image's raw features), "clean" (F, the stage-2 target) and "artifact" (G), and
-metadata (format, model, layer, image_size, patch_size, grid, views, iterations, seed, source,
-source_size, final_loss, encoding). Stage 2 trains on the ("raw", "clean") pairs (``load_pair``,
-``iter_pairs``).
+metadata (format, model (the timm name "architecture.tag"; absent for a plain callable), layer,
+image_size, patch_size, grid, views, iterations, seed, source, source_size, final_loss, encoding).
+Stage 2 trains on the ("raw", "clean") pairs (``load_pair``, ``iter_pairs``).
 
 The run never loses finished work: every file is written atomically, images whose file exists
 are skipped (resume), unreadable images are reported and skipped. Under torchrun each process
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from fastsrt.dvt.decomposition import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
+from fastsrt.dvt.denoiser import backbone_name
 from fastsrt.dvt.distributed import rank_and_world_size
 from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, load_tensors, save_tensors
 
@@ -53,9 +54,10 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
     if device is not None:
         backbone = backbone.to(device)
     out_dir = Path(out_dir)
-    metadata = {"format": FORMAT, "model": model if isinstance(model, str) else type(model).__name__, "layer": layer,
-                "image_size": config.size, "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size,
-                "views": config.views, "iterations": config.iterations, "seed": seed}
+    name = backbone_name(backbone) or (model if isinstance(model, str) else None)  # None: a plain callable
+    metadata = {"format": FORMAT, **({"model": name} if name else {}), "layer": layer, "image_size": config.size,
+                "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size, "views": config.views,
+                "iterations": config.iterations, "seed": seed}
     report = JobReport()
     label = f"DVT stage 1 (rank {rank}/{world_size})" if world_size > 1 else "DVT stage 1"
     bar = tqdm(total=len(paths), desc=label, unit="image", disable=not progress)

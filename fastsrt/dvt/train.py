@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fastsrt.checks import check_choice
-from fastsrt.dvt.denoiser import Denoiser, backbone_name
+from fastsrt.dvt.denoiser import Denoiser, backbone_name, timm_name
 from fastsrt.dvt.distributed import local_rank, rank_and_world_size
 from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import atomic_path, list_images, load_image, load_metadata, load_tensors, normalize, tensor_shapes
@@ -107,7 +107,8 @@ class PairFolder(Dataset):
             shape = shapes["raw"]
         self.dim, self.grid = shape[0], tuple(shape[1:])
         metadata = load_metadata(self.files[0])
-        self.backbone = metadata.get("model", metadata.get("backbone"))
+        # unknown (None) unless a timm name: earlier runner files held the model's class name there
+        self.backbone = timm_name(metadata.get("model", metadata.get("backbone")))
         self.layer = metadata.get("layer", -1)
         if not isinstance(self.layer, int):
             raise ValueError(f"pair files must come from one layer; {self.files[0].name} says layer={self.layer!r}")
