@@ -94,14 +94,22 @@ def test_synthetic_recovery_of_artifact_and_clean_features():
         assert result.encoding in ("extension", "reference")
 
 
-def test_batched_images_are_fitted_independently():
+def test_an_image_fits_the_same_alone_or_in_any_group():
     net = SyntheticViT(noise=0.0)
     first, second, other = smooth_image(seed=0), smooth_image(seed=1), smooth_image(seed=2)
-    settings = dict(views=6, iterations=20, seed=3, patch_size=8, **SMALL)
-    a = fastsrt.dvt.decompose([first, second], net, **settings)[0]
-    b = fastsrt.dvt.decompose([first, other], net, **settings)[0]
+    settings = dict(views=6, iterations=70, patch_size=8, **SMALL)  # 70 steps: more than one block of token draws
+    a = fastsrt.dvt.decompose([first, second], net, seed=3, **settings)[0]
+    b = fastsrt.dvt.decompose([first, other], net, seed=3, **settings)[0]
     for name in ("clean", "artifact", "residual", "losses"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # its own seed decides its crops, initialisation and token samples, not its place in the group
+    alone = fastsrt.dvt.decompose(second, net, seed=7, **settings)
+    grouped = fastsrt.dvt.decompose([other, first, second], net, seed=[1, 2, 7], **settings)
+    for name in ("raw", "clean", "artifact", "residual", "losses"):
+        assert rel_err(getattr(grouped[2], name), getattr(alone, name)) <= 1e-6, name
+    assert not torch.equal(grouped[2].losses, fastsrt.dvt.decompose(second, net, seed=1, **settings).losses)
+    with pytest.raises(ValueError, match="one int per image"):
+        fastsrt.dvt.decompose([first, second], net, seed=[1], **settings)
 
 
 def test_extension_and_reference_fit_the_same():

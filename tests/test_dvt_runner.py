@@ -119,11 +119,19 @@ def test_two_shards_cover_every_image_exactly_once(folder, tmp_path, backbone, m
     assert not first.skipped and not second.skipped and first.written and second.written
 
 
-def test_images_fitted_in_groups(folder, tmp_path, backbone, monkeypatch):
+def test_images_fitted_in_groups_give_the_files_of_one_at_a_time(folder, tmp_path, backbone, monkeypatch):
     counter = CountingFit()
     monkeypatch.setattr(runner_module, "fit_decomposition", counter)
-    report = fit_folder(folder, tmp_path / "out", backbone, CONFIG, images_per_fit=3, progress=False)
+    report = fit_folder(folder, tmp_path / "groups", backbone, CONFIG, images_per_fit=3, progress=False)
     assert len(report.written) == 4 and counter.calls == 2 and counter.images == 4
+    fit_folder(folder, tmp_path / "single", backbone, CONFIG, progress=False)  # other groups and positions
+    seeds = set()
+    for stem in GOOD:
+        (grouped, meta), (single, _) = (load_fit(tmp_path / out / f"{stem}.safetensors") for out in ("groups", "single"))
+        assert all(torch.allclose(grouped[key], single[key], rtol=1e-6, atol=1e-7) for key in grouped), stem
+        assert meta["image_seed"] == runner_module.image_seed(0, stem)
+        seeds.add(meta["image_seed"])
+    assert len(seeds) == len(GOOD)  # each image draws its own crops and samples
 
 
 def test_shard_and_runner_reject_bad_values(folder, tmp_path, backbone):

@@ -3,16 +3,20 @@
 Each file holds float32 (C, K, K) tensors on the full image's K x K token grid:
 "raw" (the image's raw features), "clean" (F, the stage-2 target) and "artifact" (G), and
 metadata (format, model (the timm name "architecture.tag"; absent for a plain callable), layer,
-image_size, patch_size, grid, views, iterations, seed, source, source_size, final_loss, encoding).
+image_size, patch_size, grid, views, iterations, seed, image_seed, source, source_size, final_loss,
+encoding).
 Stage 2 trains on the ("raw", "clean") pairs (``load_pair``, ``iter_pairs``).
 
 The run never loses finished work: every file is written atomically, images whose file exists
-are skipped (resume), unreadable images are reported and skipped. Under torchrun each process
+are skipped (resume), unreadable images are reported and skipped. Each image's random draws come
+from a seed derived from the run's seed and its file stem (``image_seed``), so its result is the
+same whatever images share its fit, its shard, or a resumed run's grouping. Under torchrun each process
 takes the images ``rank::world_size`` of the sorted list (RANK and WORLD_SIZE from the
 environment), so the shards cover every image exactly once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -29,6 +33,13 @@ from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_image
 
 FORMAT = "fastsrt.dvt.stage1/1"
 KEYS = ("raw", "clean", "artifact")
+
+
+def image_seed(seed: int, stem: str) -> int:
+    """The seed of one image's fit: a hash of the run's seed and the image's file stem, so that an
+    image's result does not depend on the images fitted with it, its shard or a resumed run."""
+    digest = hashlib.sha256(f"{seed}/{stem}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def shard(paths: list, rank: int | None = None, world_size: int | None = None) -> list:
@@ -63,12 +74,13 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
     bar = tqdm(total=len(paths), desc=label, unit="image", disable=not progress)
 
     def fit_group(group: list[tuple[Path, torch.Tensor]]) -> None:
-        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seed, device=device)
-        results = fit_decomposition(features, config, seed=seed, impl=impl, progress=progress)
-        for (path, image), result in zip(group, results):
+        seeds = [image_seed(seed, path.stem) for path, _ in group]
+        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seeds, device=device)
+        results = fit_decomposition(features, config, seed=seeds, impl=impl, progress=progress)
+        for (path, image), result, one_seed in zip(group, results, seeds):
             tensors = {key: getattr(result, key) for key in KEYS}
             save_tensors(out_dir / f"{path.stem}.safetensors", tensors, {
-                **metadata, "source": str(path), "source_size": list(image.shape[-2:]),
+                **metadata, "image_seed": one_seed, "source": str(path), "source_size": list(image.shape[-2:]),
                 "final_loss": result.final_loss, "encoding": result.encoding})
             report.written.append(path)
             bar.update()
