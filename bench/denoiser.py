@@ -3,12 +3,18 @@ ViT + denoiser end to end. Writes bench/results/denoiser-<device>.json and .md.
 
     python bench/denoiser.py                 # GPU: C 384/768, batch 1/32, every backend that runs
     python bench/denoiser.py --device cpu    # CPU: reduced settings (stated in the output)
+    python bench/denoiser.py --backends tensorrt --channels 768 --kinds denoiser   # a part of a run
 
-Each row runs in its own process, so that its peak memory is its own, measured while the timed
-calls run (after export / compilation): on the GPU torch.cuda.max_memory_allocated (torch's
-allocator: TensorRT's and onnxruntime's own allocations do not show), on the CPU the peak resident
-set (VmHWM, reset after the build) minus the resident set before the runtime was built. Times: warm-up calls, then the median over repetitions of
-the per-call time (on the GPU the mean over an inner loop of calls between two synchronisations).
+Each row runs in its own process and the results file is rewritten after every row, merged with
+the rows already in it for the same device (a rerun row replaces the old one), so a long run can
+be split into several commands (--backends, --kinds, --channels, --batches, --e2e-channels) and a
+time limit keeps what is done. Memory (peak_mem_mb, the same on both devices): the peak while the
+timed calls run minus what was in use before the backend was built (the module's eager weights,
+the input and the eager reference output); it counts the runtime's own weights (the torch backend
+runs a copy) and whatever the build left in place. GPU: torch.cuda.max_memory_allocated (torch's
+allocator: TensorRT's and onnxruntime's own allocations do not show); CPU: the peak resident set
+(VmHWM, reset after the build). Times: warm-up calls, then the median over repetitions of the
+per-call time (on the GPU the mean over an inner loop of calls between two synchronisations).
 Random weights throughout (no downloads); timings do not depend on the weights' values.
 """
 import os
@@ -33,6 +39,8 @@ import fastsrt  # noqa: E402,F401  (before timm)
 GRID = 37  # 518 px at patch 14, the paper's setting
 MODELS = {384: "vit_small_patch14_dinov2.lvd142m", 768: "vit_base_patch14_dinov2.lvd142m"}
 TARGET_MS, TARGET_SPEEDUP = 0.3, 5.0
+KINDS = ("denoiser", "vit+denoiser")
+BACKEND_NAMES = ("eager", "torch.compile", "torch.compile+cudagraph", "onnxruntime", "tensorrt")
 
 
 def rss_kib() -> int:
@@ -82,7 +90,11 @@ def run_row(spec: dict) -> dict:
                "onnxruntime": dict(backend="onnxruntime"),
                "tensorrt": dict(backend="tensorrt")}[backend]
     cache = tempfile.mkdtemp(prefix="fastsrt-bench-")  # fresh: the build time is a real build
-    before = rss_kib()  # the module's weights and the input are already there
+    if device.type == "cuda":  # the module's weights, the input and the reference are already there
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() / 2**10
+    else:
+        before = rss_kib()
     start = time.perf_counter()
     try:
         compiled = compile_module(module, shape, batch, precision=precision, device=device, cache_dir=cache, **options)
@@ -112,10 +124,10 @@ def run_row(spec: dict) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
     ms = sorted(times)[len(times) // 2] * 1000
     if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**10
     else:
         peak = peak_rss_kib() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # ru_maxrss: build too
-        peak_mb = (peak - before) / 1024  # < 0 where the row freed memory (bf16 rows: fp32 weights replaced)
+    peak_mb = (peak - before) / 1024
     return {**{k: spec[k] for k in ("kind", "backend", "device", "channels", "batch", "dtype")}, "ms": round(ms, 4),
             "images_per_s": round(batch / ms * 1000, 2), "peak_mem_mb": round(peak_mb, 1), "build_s": round(build_s, 2),
             "rel_err_vs_eager_fp32": float(f"{error:.2e}")}
@@ -158,10 +170,10 @@ def plan(device: torch.device, args) -> tuple[list[dict], list[str]]:
     if not on_gpu:
         notes.append("end to end on the CPU: no torch.compile row (minutes of compilation of the ViT on 2 cores)")
         notes.append("CPU peak memory counts what the build left resident (the torch.onnx exporter for onnxruntime "
-                     "rows, inductor for torch.compile rows) on top of the runtime's own buffers; bf16 rows can be negative "
-                     "(the fp32 weights they replace are freed)")
+                     "rows, inductor for torch.compile rows) on top of the runtime's own buffers")
     rows += [{**common, **where(b), "kind": "vit+denoiser", "backend": b, "dtype": d, "channels": c, "batch": 1}
              for c in args.e2e_channels for b, d in e2e_backends]
+    rows = [r for r in rows if r["kind"] in args.kinds and (args.backends is None or r["backend"] in args.backends)]
     return rows, notes
 
 
@@ -203,12 +215,16 @@ def targets(rows: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# DVT denoiser benchmark: {result['device']}", "",
-             f"- command: `{result['command']}`",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items() if v)}",
-             f"- shapes: tokens (B, C, {GRID}, {GRID}); end to end: images (B, 3, {GRID * 14}, {GRID * 14}) through "
-             f"{', '.join(MODELS[c] for c in result['settings']['e2e_channels']) or '(none)'} (random weights) + denoiser",
-             f"- settings: {result['settings']['note']}", ""]
+    e2e = sorted({r["channels"] for r in result["rows"] if r["kind"] == "vit+denoiser"})
+    lines = [f"# DVT denoiser benchmark: {result['device']}", "", "- rows merged from the runs (load average 1, 5, 15 min before/after):"]
+    lines += [f"  - `{run['command']}`" + (f" ({run['load_average_before']} / {run.get('load_average_after')})"
+                                           if "load_average_before" in run else "") for run in result["runs"]]
+    lines += [f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items() if v)}",
+              f"- shapes: tokens (B, C, {GRID}, {GRID}); end to end: images (B, 3, {GRID * 14}, {GRID * 14}) through "
+              f"{', '.join(MODELS[c] for c in e2e) or '(none)'} (random weights) + denoiser",
+              f"- settings: {result['settings']['note']}",
+              "- peak MiB: the peak while the timed calls run beyond the eager module, input and output already in memory "
+              "(both devices; see bench/denoiser.py)", ""]
     lines += ["| what | backend | device | dtype | C | batch | ms | images/s | peak MiB | build s | rel. err vs eager fp32 |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -228,15 +244,47 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ROW_KEY = ("kind", "backend", "device", "channels", "batch", "dtype")
+
+
+def load_previous(path: str, device: str) -> dict | None:
+    """The results already in ``path`` if they were measured on ``device``, else None (a new file)."""
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return previous if previous.get("device") == device else None
+
+
+def merged_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+    """The previous rows with those measured again replaced in place, then the new ones."""
+    fresh = {tuple(r[k] for k in ROW_KEY): r for r in new}
+    rows = [fresh.pop(tuple(r[k] for k in ROW_KEY), r) for r in previous]
+    return rows + list(fresh.values())
+
+
+def write(base: str, result: dict) -> None:
+    """JSON and Markdown, each replaced atomically (a time limit never leaves half a file)."""
+    from fastsrt.io import save_json, atomic_path
+
+    save_json(base + ".json", result)
+    with atomic_path(base + ".md") as temporary:
+        temporary.write_text(markdown(result))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="default: both")
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKEND_NAMES, help="default: every one that runs here")
     parser.add_argument("--channels", type=int, nargs="+", default=[384, 768], choices=sorted(MODELS))
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 32 (GPU), 1 4 (CPU)")
     parser.add_argument("--e2e-channels", type=int, nargs="*", default=[384, 768], choices=sorted(MODELS))
     parser.add_argument("--warmup", type=int, default=None, help="default: 20 (GPU), 2 (CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="default: 20 (GPU), 5 (CPU)")
     parser.add_argument("--inner", type=int, default=20, help="GPU calls per timed repetition (default: 20)")
+    parser.add_argument("--row-timeout", type=float, default=None, help="seconds a row may take before it is recorded as failed")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row (JSON) and print its result
     args = parser.parse_args()
@@ -249,55 +297,68 @@ def main() -> int:
     args.batches = args.batches or ([1, 32] if on_gpu else [1, 4])
     args.warmup = args.warmup if args.warmup is not None else (20 if on_gpu else 2)
     args.repeats = args.repeats or (20 if on_gpu else 5)
-    note = (f"batches {args.batches}, {args.warmup} warm-up calls, median of {args.repeats} repetitions"
+    note = (f"{args.warmup} warm-up calls, median of {args.repeats} repetitions"
             + (f" of {args.inner} calls" if on_gpu else "")
             + ("" if on_gpu else "; REDUCED for the CPU: throughput at batch 4 instead of 32, end to end at batch 1"))
-    rows, notes = plan(device, args)
-    load_before = os.getloadavg()
+    specs, notes = plan(device, args)
+    name = device_name(device)
+    slug = "cpu" if not on_gpu else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"denoiser-{slug}")
+    previous = load_previous(base + ".json", name) or {}
+    command = "python bench/denoiser.py " + " ".join(sys.argv[1:])
+    run = {"command": command, "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+    runs = previous.get("runs", [{"command": previous["command"]}] if previous else []) + [run]
+    notes = list(dict.fromkeys(previous.get("notes", []) + notes))  # this run's notes after the earlier ones, once each
     results = []
-    for spec in rows:
+
+    def save() -> None:
+        rows = merged_rows(previous.get("rows", []), results)
+        run["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        result = {"device": name, "torch": torch.__version__, "versions": versions(), "command": command, "runs": runs,
+                  "settings": {"grid": [GRID, GRID], "warmup": args.warmup, "repeats": args.repeats,
+                               "inner": args.inner if on_gpu else 1, "note": note},
+                  "notes": notes + target_notes(rows, on_gpu), "rows": rows, "targets": targets(rows) if on_gpu else {}}
+        write(base, result)
+
+    for spec in specs:
         label = f"{spec['kind']:<13} {spec['backend']:<24} {spec['dtype']:<5} C={spec['channels']:<4} B={spec['batch']:<3}"
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", json.dumps(spec)],
-                              capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("ROW ")), None)
-        if done.returncode == 0 and line:
+        try:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", json.dumps(spec)],
+                                  capture_output=True, text=True, timeout=args.row_timeout)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("ROW ")), None)
+            message = None if done.returncode == 0 and line else (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        except subprocess.TimeoutExpired:
+            line, message = None, f"timed out after {args.row_timeout:g} s"
+        if message is None:
             row = json.loads(line[4:])
             print(f"{label} {row['ms']:10.3f} ms {row['images_per_s']:10.1f} img/s  peak {row['peak_mem_mb']:8.0f} MiB  "
                   f"err {row['rel_err_vs_eager_fp32']:.1e}", flush=True)
         else:
-            message = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            row = {k: spec[k] for k in ("kind", "backend", "device", "channels", "batch", "dtype")} | {"error": message}
+            row = {k: spec[k] for k in ROW_KEY} | {"error": message}
             print(f"{label} failed: {message}", flush=True)
         results.append(row)
+        save()  # after every row: a time limit or a crash keeps what is done
+    if not specs:
+        print("no rows selected (see --kinds, --backends, --channels)")
+        return 1
+    print(f"\nwrote {base}.json and {base}.md")
+    return 0
 
-    load = [round(v, 2) for v in (*load_before, *os.getloadavg())]
-    if not on_gpu:
-        notes.append(f"load average (1, 5, 15 min) before {load[:3]} and after {load[3:]} the run on "
-                     f"{os.cpu_count()} cores: other work on a shared machine slows rows unevenly")
-    result = {"device": device_name(device), "load_average_before_after": load, "torch": torch.__version__, "versions": versions(),
-              "command": "python bench/denoiser.py " + " ".join(sys.argv[1:]),
-              "settings": {"grid": [GRID, GRID], "channels": args.channels, "batches": args.batches,
-                           "e2e_channels": args.e2e_channels, "warmup": args.warmup, "repeats": args.repeats,
-                           "inner": args.inner if on_gpu else 1, "note": note},
-              "notes": notes, "rows": results, "targets": targets(results) if on_gpu else {}}
-    for channels, t in result["targets"].items():
+
+def target_notes(rows: list[dict], on_gpu: bool) -> list[str]:
+    """Why a GPU target was missed, per channel count."""
+    notes = []
+    for channels, t in (targets(rows) if on_gpu else {}).items():
         if t["latency_met"] and t["speedup_met"]:
             continue
         if "tensorrt" in t["best"]:
             notes.append(f"C={channels}: target missed even by TensorRT")
         else:
-            ran = ", ".join(sorted({r["backend"] for r in results if "ms" in r}))
+            ran = ", ".join(sorted({r["backend"] for r in rows if "ms" in r}))
             notes.append(f"C={channels}: target missed with the backends that could run here ({ran}); "
                          "TensorRT fp16, the backend meant for it, could not run (see above)")
-    slug = "cpu" if not on_gpu else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"denoiser-{slug}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
-    print(f"\nwrote {base}.json and {base}.md")
-    return 0
+    return notes
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -54,7 +53,9 @@ def _device(args) -> str:
     """--device, else this process's GPU (cuda:LOCAL_RANK under torchrun), else the CPU."""
     import torch
 
-    return args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    from fastsrt.dvt.distributed import local_rank
+
+    return args.device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
 
 
 def _backbone(args):
@@ -116,7 +117,7 @@ def run_demo(args) -> int:
 
 def run_fit(args) -> int:
 
-    from fastsrt.dvt.decompose import DecomposeConfig
+    from fastsrt.dvt.decomposition import DecomposeConfig
     from fastsrt.dvt.encoding import GridEncodingConfig
     from fastsrt.dvt.runner import fit_folder
 
@@ -158,6 +159,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
 
 def run_train_denoiser(args) -> int:
 
+    from fastsrt.dvt.distributed import rank_and_world_size
     from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser
 
     if args.srt_targets:
@@ -170,13 +172,17 @@ def run_train_denoiser(args) -> int:
     config = TrainConfig(**{name: value for name, value in options.items() if value is not None})  # None: default
     result = train_denoiser(source, args.out, config, device=_device(args), resume=not args.restart,
                             stop_after=args.stop_after)
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+    if rank_and_world_size()[0] != 0:  # under torchrun, rank 0 reports
         return 0
     if result.finished:
         print(f"fastsrt train-denoiser: {result.step} steps, final loss {result.losses[-1]:.4f} -> {args.out}")
     else:
         print(f"fastsrt train-denoiser: stopped at step {result.step} of {result.total_steps}; rerun to continue")
     return 0
+
+
+class BackendError(Exception):
+    """A deployment backend that could not build or run: reported in one line, exit code 1."""
 
 
 def run_export(args) -> int:
@@ -197,7 +203,15 @@ def run_export(args) -> int:
         module = denoiser.at_grid(grid)
         input_shape, name = (denoiser.dim, *grid), f"denoiser-{grid[0]}x{grid[1]}"
     module = module.to(device).eval()
-    compiled = compile_module(module, input_shape, args.batch, args.backend, args.precision, device, args.cache_dir)
+    inputs = torch.randn(args.batch, *input_shape, device=device)
+    with torch.no_grad():
+        expected = module(inputs)  # eager float32, before any backend touches the module
+    try:
+        compiled = compile_module(module, input_shape, args.batch, args.backend, args.precision, device, args.cache_dir)
+        actual = compiled(inputs)
+    except RuntimeError as error:  # a backend that fails to build or run (TensorRT, onnxruntime, torch.compile)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BackendError(f"the {args.backend} backend failed ({args.precision} on {device}): {first_line}") from error
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -206,10 +220,6 @@ def run_export(args) -> int:
         target.write_bytes(path.read_bytes())
         written.append(target)
 
-    inputs = torch.randn(args.batch, *input_shape, device=device)
-    with torch.no_grad():
-        expected = module(inputs)
-    actual = compiled(inputs)
     error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
     times = []
     for _ in range(args.repeat + 3):
@@ -302,6 +312,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as error:
         print(f"fastsrt: error: {error}", file=sys.stderr)
         return 2
+    except BackendError as error:
+        print(f"fastsrt: error: {error} (rerun with another --backend or --precision)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastsrt: interrupted; finished outputs are kept", file=sys.stderr)
         return 130

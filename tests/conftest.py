@@ -30,3 +30,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def extension():
+    """fastsrt's compiled grid-encoding extension (built once, cached); skips where no C++ compiler exists."""
+    import shutil
+
+    from fastsrt.dvt.extension import load_extension
+
+    module = load_extension()
+    if module is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here: the extension cannot be built")
+    assert module is not None, "the extension failed to build (see the warning)"
+    return module

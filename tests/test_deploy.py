@@ -1,5 +1,6 @@
 """Deployment: ONNX export + ONNX Runtime vs eager, the ViT + denoiser path, the engine cache key,
 backend choice, input checks; TensorRT and CUDA graphs where a GPU (and TensorRT) are present."""
+import copy
 import importlib.util
 import os
 
@@ -42,6 +43,15 @@ def test_onnxruntime_matches_eager_at_another_grid_and_batches(denoiser, cache):
         assert rel_err(compiled(tokens), expected) <= 1e-4
 
 
+def test_export_uses_operators_tensorrt_parses(denoiser, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    path = deploy.export_onnx(denoiser.at_grid((4, 4)), (128, 4, 4), tmp_path / "den.onnx", max_batch=4)
+    model = onnx.load(str(path))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    operators = {node.op_type for node in model.graph.node}
+    assert "Gelu" not in operators and "LayerNormalization" in operators and "Erf" in operators
+
+
 def test_vit_plus_denoiser_exports_at_a_fixed_image_size(denoiser, cache):
     model = tiny_vit(embed_dim=128)
     compiled = deploy.compile_pipeline(model, denoiser, (56, 84), batch=2, backend="onnxruntime", cache_dir=cache)
@@ -54,11 +64,21 @@ def test_vit_plus_denoiser_exports_at_a_fixed_image_size(denoiser, cache):
         deploy.FixedSizePipeline(tiny_vit(embed_dim=64), denoiser, 56)
 
 
-def test_compile_reuses_the_cached_export(denoiser, cache):
-    first = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=cache)
+def test_compile_reuses_the_cached_export_until_the_weights_change(denoiser, tmp_path):
+    first = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=tmp_path)
     stamp = first.files["onnx"].stat().st_mtime_ns
-    again = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=cache)
+    again = deploy.compile(denoiser, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=tmp_path)
     assert again.files["onnx"] == first.files["onnx"] and again.files["onnx"].stat().st_mtime_ns == stamp
+
+    changed = copy.deepcopy(denoiser)
+    with torch.no_grad():
+        changed.denoiser.attn.proj.weight[0, 0] += 0.5
+    other = deploy.compile(changed, grid=(4, 4), batch=2, backend="onnxruntime", cache_dir=tmp_path)
+    assert other.files["onnx"] != first.files["onnx"] and first.files["onnx"].stat().st_mtime_ns == stamp
+    assert sorted((tmp_path / "onnx").iterdir()) == sorted([first.files["onnx"], other.files["onnx"]])
+    tokens = torch.randn(1, 128, 4, 4)
+    with torch.no_grad():  # each file holds its own weights
+        assert rel_err(other(tokens), changed(tokens)) <= 1e-4 and rel_err(first(tokens), denoiser(tokens)) <= 1e-4
 
 
 def test_cache_key_follows_weights_shapes_precision_and_version(denoiser):
@@ -126,9 +146,50 @@ def test_cli_export(denoiser, tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_cli_export_torch_bf16_leaves_the_eager_check_in_float32(denoiser, tmp_path, capsys):
+    path = denoiser.save(tmp_path / "den.safetensors")
+    arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--backend", "torch", "--precision", "bf16",
+                 "--device", "cpu", "--repeat", "1"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "backend torch" in printed
+    assert float(printed.split("relative error vs eager float32: ")[1].split(";")[0]) <= 2e-2
+
+
+def test_torch_backend_runs_a_copy(denoiser):
+    den = Denoiser(128, grid=(4, 4), backbone=NAME)
+    den.load_state_dict(denoiser.state_dict())
+    compiled = deploy.compile_module(den, (128, 4, 4), 2, backend="torch", precision="bf16", device="cpu")
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in den.parameters())  # the caller's module as it was
+    tokens = torch.randn(2, 128, 4, 4)
+    with torch.no_grad():
+        expected = den(tokens)
+    actual = compiled(tokens)
+    assert actual.dtype == torch.float32 and 0 < rel_err(actual, expected) <= 2e-2
+
+
+def test_torch_backend_rejects_nested_cuda_graphs(denoiser):
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+            deploy.compile(denoiser, grid=(4, 4), backend="torch", device="cpu", compile=True, cuda_graph=True,
+                           compile_mode=mode)
+
+
+def test_cli_export_reports_a_failing_backend_in_one_line(denoiser, tmp_path, capsys, monkeypatch):
+    def broken_backend(*args, **kwargs):
+        raise RuntimeError("TensorRT cannot parse model.onnx: unsupported node\n  (a long log follows)")
+
+    monkeypatch.setattr(deploy, "compile_module", broken_backend)
+    path = denoiser.save(tmp_path / "den.safetensors")
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "backend failed" in error and "cannot parse model.onnx" in error
+    assert not (tmp_path / "out").exists()
+
+
 @requires_cuda
 def test_torch_backend_cuda_graph_matches_eager(denoiser, cache):
-    den = denoiser.to("cuda")
+    den = copy.deepcopy(denoiser).to("cuda")  # the module-scoped fixture stays on the CPU
     compiled = deploy.compile(den, grid=(4, 4), batch=4, backend="torch", device="cuda", cache_dir=cache)
     for batch in (4, 1):
         tokens = torch.randn(batch, 128, 4, 4, device="cuda")
@@ -138,14 +199,13 @@ def test_torch_backend_cuda_graph_matches_eager(denoiser, cache):
     tokens = torch.randn(2, 128, 4, 4, device="cuda")
     with torch.no_grad():
         assert rel_err(compiled(tokens), den(tokens)) <= 2e-2
-    denoiser.to("cpu")
 
 
 @requires_cuda
 @requires_tensorrt
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("bf16", 3e-2)])
 def test_tensorrt_matches_eager(denoiser, tmp_path, precision, tolerance):
-    den = denoiser.to("cuda")
+    den = copy.deepcopy(denoiser).to("cuda")  # the module-scoped fixture stays on the CPU
     compiled = deploy.compile(den, grid=(4, 4), batch=4, backend="tensorrt", precision=precision, device="cuda",
                               cache_dir=tmp_path)
     assert compiled.files["engine"].is_file()
@@ -157,7 +217,6 @@ def test_tensorrt_matches_eager(denoiser, tmp_path, precision, tolerance):
     again = deploy.compile(den, grid=(4, 4), batch=4, backend="tensorrt", precision=precision, device="cuda",
                            cache_dir=tmp_path)
     assert os.stat(again.files["engine"]).st_mtime_ns == stamp  # served from the engine cache
-    denoiser.to("cpu")
 
 
 def test_cli_export_of_vit_plus_denoiser(tmp_path, capsys):

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, requires_cuda
 
 import fastsrt.dvt.encoding as encoding_module
 from fastsrt.dvt import extension as extension_module
@@ -16,13 +16,11 @@ PAPER = GridEncodingConfig()
 
 
 @pytest.fixture(scope="module")
-def extension():
-    """The compiled extension, built once per session (load_extension caches it)."""
-    module = extension_module.load_extension()
-    if module is None and shutil.which("c++") is None:
-        pytest.skip("no C++ compiler here: the extension cannot be built")
-    assert module is not None, "the extension failed to build (see the warning)"
-    return module
+def cuda_extension(extension):
+    """The extension with its CUDA kernels (the tests using it are marked requires_cuda)."""
+    if not extension.has_cuda():
+        pytest.skip("the extension was built without CUDA kernels (no nvcc or GPU at build time)")
+    return extension
 
 
 def random_inputs(config, batch=2, points=300, dtype=torch.float32, seed=0):
@@ -148,6 +146,46 @@ def test_grid_encode_extension_equals_reference_through_autograd(extension):
         assert rel_err(fast, reference) <= 1e-5
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", [MIXED, DENSE, PAPER], ids=["mixed", "dense", "paper"])
+def test_cuda_forward_matches_reference(cuda_extension, config, dtype, tolerance):
+    coords, table = random_inputs(config, dtype=dtype)
+    coords = torch.cat([coords, border_coords(config).to(dtype)], 1).cuda()
+    table = table.cuda()
+    out = torch.full((2, coords.shape[1], config.output_dim), float("nan"), dtype=dtype, device="cuda")  # poisoned
+    cuda_extension.forward(coords, table, config.level_table(), out)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, grid_encode_reference(coords, table, config)) <= tolerance
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", [MIXED, DENSE], ids=["mixed", "dense"])
+@pytest.mark.parametrize("where", ["random", "borders"])
+def test_cuda_backward_matches_reference(cuda_extension, config, where, dtype, tolerance):
+    coords, table = random_inputs(config, dtype=dtype)
+    if where == "borders":
+        coords = border_coords(config).to(dtype)
+    coords, table = coords.cuda(), table.cuda()
+    grad_out = torch.randn(2, coords.shape[1], config.output_dim, generator=torch.Generator().manual_seed(1), dtype=dtype).cuda()
+    grad_table = torch.zeros_like(table)  # accumulated into (atomics over points sharing a row)
+    grad_coords = torch.full_like(coords, float("nan"))  # poisoned: must be overwritten entirely
+    cuda_extension.backward(grad_out, coords, table, config.level_table(), grad_table, grad_coords)
+    coords_ref, table_ref = coords.clone().requires_grad_(), table.clone().requires_grad_()
+    grid_encode_reference(coords_ref, table_ref, config).backward(grad_out)
+    assert torch.isfinite(grad_coords).all()
+    assert rel_err(grad_table, table_ref.grad) <= tolerance
+    assert rel_err(grad_coords, coords_ref.grad) <= tolerance
+
+
+@requires_cuda
+def test_cuda_autograd_function_float64_gradcheck(cuda_extension):
+    coords, table = random_inputs(MIXED, points=6, dtype=torch.float64)
+    coords, table = coords.cuda().requires_grad_(), table.cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, t: grid_encode(c, t, MIXED, impl="extension"), (coords, table), fast_mode=True)
+
+
 def test_extension_rejects_bad_buffers(extension):
     coords, table = random_inputs(MIXED)
     with pytest.raises(RuntimeError, match="out must have shape"):
@@ -188,3 +226,20 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("FASTSRT_NO_EXTENSION", "1")
     with pytest.warns(UserWarning, match="FASTSRT_NO_EXTENSION"):
         assert extension_module.load_extension.__wrapped__() is None
+
+
+def test_build_key_follows_the_gpu_architectures(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    capabilities = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    assert extension_module.cuda_architectures() == "8.0;9.0"
+    a100_h100 = extension_module.build_key(with_cuda=True)
+    capabilities[1] = (8, 0)
+    assert extension_module.cuda_architectures() == "8.0"
+    assert extension_module.build_key(with_cuda=True) != a100_h100
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert extension_module.build_key(with_cuda=True) not in (a100_h100, extension_module.build_key(with_cuda=False))
+    cpu = extension_module.build_key(with_cuda=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert extension_module.build_key(with_cuda=False) == cpu  # a CPU build does not depend on GPUs

@@ -7,7 +7,7 @@ import fastsrt
 from fastsrt.cli import main
 from fastsrt.dvt import iter_pairs, load_pair
 from fastsrt.dvt import runner as runner_module
-from fastsrt.dvt.decompose import DecomposeConfig
+from fastsrt.dvt.decomposition import DecomposeConfig
 from fastsrt.dvt.encoding import GridEncodingConfig
 from fastsrt.dvt.runner import FORMAT, fit_folder, load_fit, shard
 from fastsrt.io import normalize, save_tensors
@@ -80,7 +80,7 @@ def test_writes_the_stage_one_file_format(folder, tmp_path, backbone):
     assert metadata["format"] == FORMAT and metadata["image_size"] == 32 and metadata["patch_size"] == 8
     assert metadata["iterations"] == 4 and metadata["views"] == 3 and metadata["layer"] == -1 and metadata["grid"] == 4
     assert metadata["source"] == str(folder / "c.png") and metadata["source_size"] == [28, 24]
-    assert metadata["model"] == "CallableBackbone" and metadata["encoding"] in ("extension", "reference")
+    assert "model" not in metadata and metadata["encoding"] in ("extension", "reference")  # a callable has no name
     # "raw" is the backbone's output on the full image, resized to size x size
     image = fastsrt.io.load_image(folder / "c.png")
     square = F.interpolate(image[None], size=(32, 32), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
@@ -119,11 +119,19 @@ def test_two_shards_cover_every_image_exactly_once(folder, tmp_path, backbone, m
     assert not first.skipped and not second.skipped and first.written and second.written
 
 
-def test_images_fitted_in_groups(folder, tmp_path, backbone, monkeypatch):
+def test_images_fitted_in_groups_give_the_files_of_one_at_a_time(folder, tmp_path, backbone, monkeypatch):
     counter = CountingFit()
     monkeypatch.setattr(runner_module, "fit_decomposition", counter)
-    report = fit_folder(folder, tmp_path / "out", backbone, CONFIG, images_per_fit=3, progress=False)
+    report = fit_folder(folder, tmp_path / "groups", backbone, CONFIG, images_per_fit=3, progress=False)
     assert len(report.written) == 4 and counter.calls == 2 and counter.images == 4
+    fit_folder(folder, tmp_path / "single", backbone, CONFIG, progress=False)  # other groups and positions
+    seeds = set()
+    for stem in GOOD:
+        (grouped, meta), (single, _) = (load_fit(tmp_path / out / f"{stem}.safetensors") for out in ("groups", "single"))
+        assert all(torch.allclose(grouped[key], single[key], rtol=1e-6, atol=1e-7) for key in grouped), stem
+        assert meta["image_seed"] == runner_module.image_seed(0, stem)
+        seeds.add(meta["image_seed"])
+    assert len(seeds) == len(GOOD)  # each image draws its own crops and samples
 
 
 def test_shard_and_runner_reject_bad_values(folder, tmp_path, backbone):
@@ -161,3 +169,31 @@ def test_cli_fit_resumes_and_reports(folder, tmp_path, capsys):
     assert "0 written, 4 already done (skipped), 1 failed" in capsys.readouterr().out
     assert main(args[:-2] + ["--iterations", "1"]) == 2  # a bad setting: a clear error, no traceback
     assert "iterations must be" in capsys.readouterr().err
+
+
+def test_pairs_of_a_timm_module_train_a_denoiser_that_module_accepts(folder, tmp_path):
+    from conftest import tiny_vit
+
+    from fastsrt.dvt import PairFolder, TrainConfig, train_denoiser
+
+    vit = tiny_vit(embed_dim=64)
+    config = DecomposeConfig(views=2, iterations=2, size=28, tokens_per_step=8, encoding=CONFIG.encoding)
+    fit_folder(folder, tmp_path / "fits", vit, config, progress=False)
+    assert load_fit(tmp_path / "fits" / "a.safetensors")[1]["model"] == "vit_small_patch14_dinov2.lvd142m"
+    pairs = PairFolder(tmp_path / "fits")
+    assert pairs.backbone == "vit_small_patch14_dinov2.lvd142m"
+    denoiser = train_denoiser(pairs, tmp_path / "den.safetensors", TrainConfig(epochs=1, batch_size=2), progress=False).denoiser
+    assert denoiser.backbone == "vit_small_patch14_dinov2.lvd142m"
+    images = torch.randn(1, 3, 28, 28)
+    assert fastsrt.DVT(vit, denoiser)(images).shape == (1, 64, 2, 2)
+    assert fastsrt.DVT(vit, tmp_path / "den.safetensors")(images).shape == (1, 64, 2, 2)
+
+
+def test_pairs_without_a_timm_name_train_a_denoiser_for_any_backbone(folder, tmp_path, backbone):
+    from fastsrt.dvt import PairFolder
+
+    fit_folder(folder, tmp_path / "fits", backbone, CONFIG, progress=False)
+    assert PairFolder(tmp_path / "fits").backbone is None
+    tensors, metadata = load_fit(tmp_path / "fits" / "a.safetensors")
+    save_tensors(tmp_path / "fits" / "a.safetensors", tensors, {**metadata, "model": "VisionTransformer"})  # older files
+    assert PairFolder(tmp_path / "fits").backbone is None

@@ -79,9 +79,15 @@ def require_onnx_export() -> None:
                           "pip install onnx onnxscript (or fastsrt[onnx])") from None
 
 
+# Opset 18: the lowest torch's ONNX exporter writes without converting. GELU is then Erf arithmetic
+# (the Gelu node is opset 20, which older TensorRT parsers lack) and LayerNormalization (opset 17,
+# parsed by TensorRT >= 8.6) stays one node; TensorRT 10 parses opsets 9 to 20.
+OPSET = 18
+
+
 def export_onnx(module: nn.Module, input_shape, path: str | os.PathLike, max_batch: int = 64) -> Path:
-    """Writes ``module`` as ONNX (atomically): input "input" (B, *input_shape) float32 with a
-    dynamic batch axis, output "output". The module must have a fixed size (see above)."""
+    """Writes ``module`` as ONNX (atomically, opset ``OPSET``): input "input" (B, *input_shape)
+    float32 with a dynamic batch axis, output "output". The module must have a fixed size (see above)."""
     require_onnx_export()
     path = Path(path)
     parameter = next(module.parameters())
@@ -91,6 +97,7 @@ def export_onnx(module: nn.Module, input_shape, path: str | os.PathLike, max_bat
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     with atomic_path(path) as temporary, torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)  # torch-internal noise
-        torch.onnx.export(module.eval(), (example,), str(temporary), dynamo=True, dynamic_shapes=({0: batch},),
-                          input_names=["input"], output_names=["output"], external_data=False, verbose=False)
+        torch.onnx.export(module.eval(), (example,), str(temporary), dynamo=True, opset_version=OPSET,
+                          dynamic_shapes=({0: batch},), input_names=["input"], output_names=["output"],
+                          external_data=False, verbose=False)
     return path

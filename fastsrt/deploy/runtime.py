@@ -18,7 +18,7 @@ from torch import nn
 
 from fastsrt.checks import check_choice
 from fastsrt.deploy.cache import cache_key, default_cache_dir, module_hash
-from fastsrt.deploy.export import FixedSizePipeline, export_onnx, require_onnx_export
+from fastsrt.deploy.export import OPSET, FixedSizePipeline, export_onnx, require_onnx_export
 from fastsrt.deploy.ort import OnnxRuntimeRunner, require_onnxruntime
 from fastsrt.deploy.tensorrt_engine import PRECISIONS, TensorRTRunner, build_engine, require_tensorrt, tensorrt_version
 from fastsrt.deploy.torch_graph import TorchRunner
@@ -114,7 +114,7 @@ def compile_module(module: nn.Module, input_shape, batch: int, backend: str = "a
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights = module_hash(module)
-    onnx_key = cache_key(weights, input_shape, (1, batch, batch), "fp32", f"onnx-torch{torch.__version__}")
+    onnx_key = cache_key(weights, input_shape, (1, batch, batch), "fp32", f"onnx{OPSET}-torch{torch.__version__}")
     onnx_path = cache / "onnx" / f"{onnx_key}.onnx"
     if not onnx_path.is_file():
         logger.info("fastsrt.deploy: exporting ONNX -> %s", onnx_path)

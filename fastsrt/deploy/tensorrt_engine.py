@@ -82,11 +82,13 @@ class TensorRTRunner:
         self.output = next(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.detach().float().contiguous()
-        self.context.set_input_shape(self.input, tuple(inputs.shape))
-        outputs = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device=self.device)
-        self.context.set_tensor_address(self.input, inputs.data_ptr())
-        self.context.set_tensor_address(self.output, outputs.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError("TensorRT failed to run the engine")
+        inputs = inputs.detach().to(self.device, torch.float32).contiguous()
+        with torch.cuda.device(self.device):  # the engine's GPU, whatever the caller's current device
+            if not self.context.set_input_shape(self.input, tuple(inputs.shape)):
+                raise RuntimeError(f"TensorRT refused input shape {tuple(inputs.shape)} (outside the engine's profile?)")
+            outputs = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device=self.device)
+            self.context.set_tensor_address(self.input, inputs.data_ptr())
+            self.context.set_tensor_address(self.output, outputs.data_ptr())
+            if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+                raise RuntimeError("TensorRT failed to run the engine")
         return outputs

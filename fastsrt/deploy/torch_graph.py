@@ -6,22 +6,31 @@ and the norms act within a sample).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch.compile modes that capture CUDA graphs themselves: a second capture around them fails
+GRAPHING_MODES = ("reduce-overhead", "max-autotune")
 
 
 class TorchRunner:
+    """Runs a copy of ``module`` in the chosen precision on ``device`` (the caller's module is left
+    as it is); inputs of any floating dtype are cast in, outputs cast back to the input's dtype."""
+
     def __init__(self, module: nn.Module, input_shape, batch: int, precision: str = "fp32", device="cpu",
                  compile: bool | None = None, cuda_graph: bool | None = None, compile_mode: str = "default"):
         self.device, self.dtype = torch.device(device), DTYPES[precision]
         on_gpu = self.device.type == "cuda"
         self.compiled = on_gpu if compile is None else compile
         use_graph = on_gpu if cuda_graph is None else cuda_graph
+        if use_graph and self.compiled and compile_mode in GRAPHING_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs itself; pass cuda_graph=False with it")
         if use_graph and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
-        module = module.to(self.device, self.dtype).eval().requires_grad_(False)
+        module = copy.deepcopy(module).to(self.device, self.dtype).eval().requires_grad_(False)
         self.function = torch.compile(module, mode=compile_mode, fullgraph=True, dynamic=False) if self.compiled else module
         self.graph = None
         if use_graph:

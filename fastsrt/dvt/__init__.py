@@ -1,6 +1,6 @@
 """DVT, Denoising Vision Transformers (Yang et al., ECCV 2024): stage 1, the per-image
 neural-field decomposition; stage 2, the distilled one-block denoiser."""
-from fastsrt.dvt.decompose import DecomposeConfig, Decomposition, decompose
+from fastsrt.dvt.decomposition import DecomposeConfig, Decomposition, decompose
 from fastsrt.dvt.denoiser import Denoiser
 from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode
 from fastsrt.dvt.pipeline import DVT

@@ -58,6 +58,11 @@ def backbone_name(source) -> str | None:
     return f"{architecture}.{config['tag']}" if config.get("tag") else architecture
 
 
+def timm_name(name) -> str | None:
+    """``name`` if it names a timm model ("architecture" or "architecture.tag"), else None."""
+    return name if isinstance(name, str) and is_model(split_model_name_tag(name)[0]) else None
+
+
 def same_backbone(a: str | None, b: str | None) -> bool:
     """Names match when they are equal, or when one has no pretrained tag and the architectures agree."""
     if a is None or b is None:

@@ -96,7 +96,7 @@ def grid_encode_reference(coords: torch.Tensor, table: torch.Tensor, config: Gri
         cell = cell.long()
         corner_rows, weights = [], []
         for dy in (0, 1):
-            for dx in (0, 1):  # vertex order (i, j), (i+1, j), (i, j+1), (i+1, j+1), as in csrc
+            for dx in (0, 1):  # vertex order (i, j), (i+1, j), (i, j+1), (i+1, j+1), as in fastsrt/csrc
                 x, y = cell[..., 0] + dx, cell[..., 1] + dy
                 if hashed:
                     row = ((x ^ (y * HASH_PRIME)) & 0xFFFFFFFF) % rows

@@ -1,8 +1,9 @@
 """Builds (at first use, cached) and loads fastsrt's C++/CUDA grid-encoding extension.
 
-The sources live in ``csrc/`` beside the package (an editable install or a plain checkout). The
-build goes to ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastsrt/extensions``, in a folder named by a
-hash of the sources, torch and Python, so it is compiled once and reused by later processes.
+The sources live in ``fastsrt/csrc/`` and ship with the package (package data: every install,
+editable or from a wheel, has them). The build goes to ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/fastsrt/extensions``, in a folder named by a hash of the sources, torch, Python and the
+GPU architectures compiled for, so it is compiled once and reused by later processes.
 CUDA kernels are compiled in where torch has CUDA, a GPU is visible and nvcc is found. Where the
 extension cannot be built (no compiler, no sources, a failed build, or ``FASTSRT_NO_EXTENSION=1``)
 ``load_extension`` warns once and returns None, and callers use the torch encoding.
@@ -20,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("grid_encoding.h", "grid_encoding.cpp", "grid_encoding_cuda.cu")
 
 
@@ -36,6 +37,27 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def cuda_architectures() -> str:
+    """The GPU architectures a CUDA build compiles for, by torch's rule: $TORCH_CUDA_ARCH_LIST, else
+    the compute capabilities of the visible GPUs."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+
+
+def build_key(with_cuda: bool) -> str:
+    """The build folder's hash: the sources, torch, CUDA, Python and, for a CUDA build, the GPU
+    architectures (a build for one GPU generation cannot run on another)."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((CSRC / name).read_bytes())
+    digest.update(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]} {with_cuda}".encode())
+    if with_cuda:
+        digest.update(f" arch {cuda_architectures()}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _unavailable(reason: str) -> None:
     warnings.warn(f"the C++ grid-encoding extension is unavailable ({reason}); using the torch encoding (slower)", stacklevel=3)
 
@@ -49,7 +71,7 @@ def load_extension() -> ModuleType | None:
         return None
     missing = [name for name in SOURCES if not (CSRC / name).is_file()]
     if missing:
-        _unavailable(f"sources not found in {CSRC}: {', '.join(missing)}; install fastsrt editable or run from a checkout")
+        _unavailable(f"sources not found in {CSRC}: {', '.join(missing)}; reinstall fastsrt")
         return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -60,12 +82,8 @@ def load_extension() -> ModuleType | None:
 
     with_cuda = _with_cuda()
     sources = [CSRC / "grid_encoding.cpp"] + ([CSRC / "grid_encoding_cuda.cu"] if with_cuda else [])
-    digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((CSRC / name).read_bytes())
-    digest.update(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]} {with_cuda}".encode())
     name = f"fastsrt_grid_encoding_{'cuda' if with_cuda else 'cpu'}"
-    build_dir = _cache_root() / f"{name}_{digest.hexdigest()[:16]}"
+    build_dir = _cache_root() / f"{name}_{build_key(with_cuda)}"
     if not any(build_dir.glob("*.so")):
         what = "C++/CUDA" if with_cuda else "C++"
         print(f"fastsrt: building the {what} grid-encoding extension once (about a minute) in {build_dir}", file=sys.stderr, flush=True)

@@ -2,17 +2,21 @@
 
 Each file holds float32 (C, K, K) tensors on the full image's K x K token grid:
 "raw" (the image's raw features), "clean" (F, the stage-2 target) and "artifact" (G), and
-metadata (format, model, layer, image_size, patch_size, grid, views, iterations, seed, source,
-source_size, final_loss, encoding). Stage 2 trains on the ("raw", "clean") pairs (``load_pair``,
-``iter_pairs``).
+metadata (format, model (the timm name "architecture.tag"; absent for a plain callable), layer,
+image_size, patch_size, grid, views, iterations, seed, image_seed, source, source_size, final_loss,
+encoding).
+Stage 2 trains on the ("raw", "clean") pairs (``load_pair``, ``iter_pairs``).
 
 The run never loses finished work: every file is written atomically, images whose file exists
-are skipped (resume), unreadable images are reported and skipped. Under torchrun each process
+are skipped (resume), unreadable images are reported and skipped. Each image's random draws come
+from a seed derived from the run's seed and its file stem (``image_seed``), so its result is the
+same whatever images share its fit, its shard, or a resumed run's grouping. Under torchrun each process
 takes the images ``rank::world_size`` of the sorted list (RANK and WORLD_SIZE from the
 environment), so the shards cover every image exactly once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,20 +26,20 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from fastsrt.dvt.decompose import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
+from fastsrt.dvt.decomposition import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
+from fastsrt.dvt.denoiser import backbone_name
+from fastsrt.dvt.distributed import rank_and_world_size
 from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, load_tensors, save_tensors
 
 FORMAT = "fastsrt.dvt.stage1/1"
 KEYS = ("raw", "clean", "artifact")
 
 
-def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """The given values, else the RANK and WORLD_SIZE environment variables torchrun sets, else 0 and 1."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
+def image_seed(seed: int, stem: str) -> int:
+    """The seed of one image's fit: a hash of the run's seed and the image's file stem, so that an
+    image's result does not depend on the images fitted with it, its shard or a resumed run."""
+    digest = hashlib.sha256(f"{seed}/{stem}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def shard(paths: list, rank: int | None = None, world_size: int | None = None) -> list:
@@ -61,20 +65,22 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
     if device is not None:
         backbone = backbone.to(device)
     out_dir = Path(out_dir)
-    metadata = {"format": FORMAT, "model": model if isinstance(model, str) else type(model).__name__, "layer": layer,
-                "image_size": config.size, "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size,
-                "views": config.views, "iterations": config.iterations, "seed": seed}
+    name = backbone_name(backbone) or (model if isinstance(model, str) else None)  # None: a plain callable
+    metadata = {"format": FORMAT, **({"model": name} if name else {}), "layer": layer, "image_size": config.size,
+                "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size, "views": config.views,
+                "iterations": config.iterations, "seed": seed}
     report = JobReport()
     label = f"DVT stage 1 (rank {rank}/{world_size})" if world_size > 1 else "DVT stage 1"
     bar = tqdm(total=len(paths), desc=label, unit="image", disable=not progress)
 
     def fit_group(group: list[tuple[Path, torch.Tensor]]) -> None:
-        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seed, device=device)
-        results = fit_decomposition(features, config, seed=seed, impl=impl, progress=progress)
-        for (path, image), result in zip(group, results):
+        seeds = [image_seed(seed, path.stem) for path, _ in group]
+        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seeds, device=device)
+        results = fit_decomposition(features, config, seed=seeds, impl=impl, progress=progress)
+        for (path, image), result, one_seed in zip(group, results, seeds):
             tensors = {key: getattr(result, key) for key in KEYS}
             save_tensors(out_dir / f"{path.stem}.safetensors", tensors, {
-                **metadata, "source": str(path), "source_size": list(image.shape[-2:]),
+                **metadata, "image_seed": one_seed, "source": str(path), "source_size": list(image.shape[-2:]),
                 "final_loss": result.final_loss, "encoding": result.encoding})
             report.written.append(path)
             bar.update()

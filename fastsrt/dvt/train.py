@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fastsrt.checks import check_choice
-from fastsrt.dvt.denoiser import Denoiser, backbone_name
+from fastsrt.dvt.denoiser import Denoiser, backbone_name, timm_name
+from fastsrt.dvt.distributed import local_rank, rank_and_world_size
+from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import atomic_path, list_images, load_image, load_metadata, load_tensors, normalize, tensor_shapes
 from fastsrt.srt import SRT
 
@@ -75,14 +77,6 @@ def denoiser_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.mse_loss(prediction, target) + (1 - F.cosine_similarity(prediction, target, dim=1).mean())
 
 
-def learning_rate(step: int, total: int, base: float, minimum: float, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``base`` to ``minimum``."""
-    if step < warmup_steps:
-        return base * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class PairFolder(Dataset):
     """Stage 1's output: one ``<stem>.safetensors`` per image holding float32 "raw" and "clean"
     (C, K, K) token grids (``target`` names another key, e.g. "srt" of ``fastsrt extract
@@ -113,7 +107,8 @@ class PairFolder(Dataset):
             shape = shapes["raw"]
         self.dim, self.grid = shape[0], tuple(shape[1:])
         metadata = load_metadata(self.files[0])
-        self.backbone = metadata.get("model", metadata.get("backbone"))
+        # unknown (None) unless a timm name: earlier runner files held the model's class name there
+        self.backbone = timm_name(metadata.get("model", metadata.get("backbone")))
         self.layer = metadata.get("layer", -1)
         if not isinstance(self.layer, int):
             raise ValueError(f"pair files must come from one layer; {self.files[0].name} says layer={self.layer!r}")
@@ -178,12 +173,6 @@ class SRTTargets(Dataset):
             return raw, self.srt(images)
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
 def _fingerprint(config: TrainConfig, source) -> dict:
     settings = asdict(config)
     return {**{k: settings[k] for k in _RESULT_FIELDS}, "betas": list(config.betas), "pairs": len(source),
@@ -218,7 +207,7 @@ def train_denoiser(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"the denoiser is written as .safetensors, got --out {str(out)!r}")
-    rank, world, local_rank = _distributed()
+    rank, world = rank_and_world_size()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
     steps_per_epoch = len(source) // config.batch_size
@@ -228,10 +217,12 @@ def train_denoiser(
     warmup_steps = round(config.warmup * total)
 
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank to the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -283,7 +274,7 @@ def train_denoiser(
         for batch in loader:
             raw, target = source.make_pairs(batch, device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, config.base_lr(), config.min_lr, warmup_steps)
+                group["lr"] = warmup_cosine(step, total, config.base_lr(), config.min_lr, warmup_steps)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 prediction = model(raw)
             loss = denoiser_loss(prediction, target)

@@ -18,6 +18,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from fastsrt.backbone import TokenSource, as_backbone
 from fastsrt.checks import check_choice
 from fastsrt.dvt.crops import render_views, sample_crops, token_coordinates
 from fastsrt.dvt.encoding import GridEncodingConfig, extension_for, grid_encode
+from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import load_image, normalize
 
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DRAW_BLOCK = 64  # steps whose token samples are drawn at once (one randint per image per block)
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,8 @@ class DecomposeConfig:
         check_choice("backbone_dtype", self.backbone_dtype, CACHE_DTYPES)
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up to lr, then cosine from lr to min_lr at the last step."""
-        warmup_steps = round(self.warmup * self.iterations)
-        if step < warmup_steps:
-            return self.lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, self.iterations - 1 - warmup_steps)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        """Linear warm-up to lr, then cosine from lr to min_lr at the last step (``warmup_cosine``)."""
+        return warmup_cosine(step, self.iterations, self.lr, self.min_lr, round(self.warmup * self.iterations))
 
 
 @dataclass
@@ -141,14 +140,19 @@ class ViewFeatures:
     seconds: float
 
 
-def decompose(image, model, views: int = 769, iterations: int = 20000, seed: int = 0, *, layer: int = -1,
-              patch_size: int | None = None, pretrained: bool | str = True, device=None, impl: str = "auto",
-              progress: bool = False, **settings) -> Decomposition | list[Decomposition]:
+def decompose(image, model, views: int = 769, iterations: int = 20000, seed: int | Sequence[int] = 0, *,
+              layer: int = -1, patch_size: int | None = None, pretrained: bool | str = True, device=None,
+              impl: str = "auto", progress: bool = False, **settings) -> Decomposition | list[Decomposition]:
     """DVT stage 1 on one image, or on a list of images fitted together (then a list).
 
     image: a (3, H, W) float tensor in [0, 1] (RGB, not normalised) or an image file path.
     model: a timm ViT, a timm model name, a fastsrt Backbone, or a callable mapping images
-        (N, 3, S, S) to token grids (N, C, S/p, S/p) (then ``patch_size`` is required).
+        (N, 3, S, S) to token grids (N, C, S/p, S/p) (then ``patch_size`` is required); a module
+        is used in the mode it is in (put a timm model in eval mode: dropout and drop-path are
+        on in training mode), a model fastsrt creates from a name is put in eval mode.
+    seed: for every image, or one per image. An image's random draws (crops, initialisation of
+        F, G and h, token samples) come from its seed alone, so its result is the same fitted
+        alone or with other images.
     settings: any other DecomposeConfig field (size, crop_scale, tokens_per_step, encoding, lr, ...).
     layer: the block whose tokens are decomposed (-1: the final normed tokens).
     device: where features and fit run (default: the model's device; the model is moved there).
@@ -189,10 +193,19 @@ def as_image(image) -> torch.Tensor:
     return image
 
 
+def per_image_seeds(seed: int | Sequence[int], images: int) -> list[int]:
+    """One seed per image: ``seed`` for every image, or the sequence given (one per image)."""
+    seeds = [seed] * images if isinstance(seed, int) else list(seed)
+    if len(seeds) != images or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seed must be an int or one int per image ({images}), got {seed!r}")
+    return seeds
+
+
 def extract_view_features(images: list[torch.Tensor], backbone: TokenSource, config: DecomposeConfig, layer: int = -1,
-                          seed: int = 0, device=None) -> ViewFeatures:
+                          seed: int | Sequence[int] = 0, device=None) -> ViewFeatures:
     """Resizes each (3, H, W) image to size x size (bicubic), renders its views (the full image
-    and random crops), runs the backbone on them and caches every view's tokens."""
+    and random crops drawn from the image's seed), runs the backbone on them and caches every
+    view's tokens."""
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(f"layer must be one int block index, got {layer!r}")
     backbone.layer_indices(layer)
@@ -200,11 +213,11 @@ def extract_view_features(images: list[torch.Tensor], backbone: TokenSource, con
         raise ValueError(f"size {config.size} is not a multiple of the patch size {backbone.patch_size}")
     device = torch.device(device) if device is not None else _device_of(backbone)
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
     grid = config.size // backbone.patch_size
     tokens_per_view = grid * grid
-    crops = [sample_crops(config.views, config.size, config.crop_scale, config.crop_ratio, config.flip_probability, generator)
-             for _ in images]
+    crops = [sample_crops(config.views, config.size, config.crop_scale, config.crop_ratio, config.flip_probability,
+                          torch.Generator().manual_seed(image_seed))
+             for image_seed in per_image_seeds(seed, len(images))]
     cache, raw = None, []
     with torch.no_grad():
         for b, image in enumerate(images):
@@ -253,17 +266,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _per_image(generators: list[torch.Generator], draw) -> nn.Parameter:
+    """A parameter (B, ...) whose slice b is ``draw(generators[b])``."""
+    return nn.Parameter(torch.stack([draw(generator) for generator in generators]))
+
+
 class BatchedMLP(nn.Module):
     """One MLP per image (Linear -> ReLU -> ... -> Linear), all applied with batched matmuls:
-    (B, N, sizes[0]) -> (B, N, sizes[-1]). nn.Linear's default initialisation."""
+    (B, N, sizes[0]) -> (B, N, sizes[-1]). nn.Linear's default initialisation, image b's drawn
+    from generators[b]."""
 
-    def __init__(self, sizes: list[int], images: int, generator: torch.Generator):
+    def __init__(self, sizes: list[int], generators: list[torch.Generator]):
         super().__init__()
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for fan_in, fan_out in zip(sizes, sizes[1:]):
             bound = 1 / math.sqrt(fan_in)
-            self.weights.append(nn.Parameter((torch.rand(images, fan_in, fan_out, generator=generator) * 2 - 1) * bound))
-            self.biases.append(nn.Parameter((torch.rand(images, 1, fan_out, generator=generator) * 2 - 1) * bound))
+            self.weights.append(_per_image(generators, lambda g: (torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound))
+            self.biases.append(_per_image(generators, lambda g: (torch.rand(1, fan_out, generator=g) * 2 - 1) * bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
@@ -275,17 +294,17 @@ class BatchedMLP(nn.Module):
 
 class Fields(nn.Module):
     """F, G and h of B images: F = MLP(grid encoding), 128 -> C/2 -> C; G (B, K*K, C) ~ N(0, std^2);
-    h = MLP C -> C/4 -> C/4 -> C on the raw feature."""
+    h = MLP C -> C/4 -> C/4 -> C on the raw feature. Image b's are initialised from generators[b]."""
 
-    def __init__(self, images: int, channels: int, grid: int, config: DecomposeConfig, generator: torch.Generator):
+    def __init__(self, channels: int, grid: int, config: DecomposeConfig, generators: list[torch.Generator]):
         super().__init__()
         if channels < 4:
             raise ValueError(f"features need at least 4 channels (h has C/4 hidden units), got {channels}")
         self.encoding = config.encoding
-        self.table = nn.Parameter(self.encoding.init_table(images, generator))
-        self.field = BatchedMLP([self.encoding.output_dim, channels // 2, channels], images, generator)
-        self.artifact = nn.Parameter(torch.randn(images, grid * grid, channels, generator=generator) * config.artifact_std)
-        self.residual = BatchedMLP([channels, channels // 4, channels // 4, channels], images, generator)
+        self.table = _per_image(generators, lambda g: self.encoding.init_table(1, g)[0])
+        self.field = BatchedMLP([self.encoding.output_dim, channels // 2, channels], generators)
+        self.artifact = _per_image(generators, lambda g: torch.randn(grid * grid, channels, generator=g) * config.artifact_std)
+        self.residual = BatchedMLP([channels, channels // 4, channels // 4, channels], generators)
 
     def clean(self, coords: torch.Tensor, impl: str) -> torch.Tensor:
         return self.field(grid_encode(coords, self.table, self.encoding, impl))
@@ -305,19 +324,21 @@ def decomposition_loss(clean: torch.Tensor, artifact: torch.Tensor, raw: torch.T
     return loss
 
 
-def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int = 0, impl: str = "auto",
+def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int | Sequence[int] = 0, impl: str = "auto",
                       progress: bool = False) -> list[Decomposition]:
-    """Fits F, G and h of every image of ``features`` at once (config.iterations steps)."""
+    """Fits F, G and h of every image of ``features`` at once (config.iterations steps); image b's
+    initialisation and token samples come from its seed (``seed``, or ``seed[b]``) alone."""
     cache, device = features.cache, features.cache.device
     images, tokens, channels = cache.shape
     grid = features.raw.shape[-1]
     tokens_per_view = grid * grid
     encoding = "reference" if extension_for(device, torch.float32, impl) is None else "extension"
     start = time.perf_counter()
-    fields = Fields(images, channels, grid, config, torch.Generator().manual_seed(seed)).to(device)
+    seeds = per_image_seeds(seed, images)
+    fields = Fields(channels, grid, config, [torch.Generator().manual_seed(s) for s in seeds]).to(device)
     optimizer = torch.optim.Adam(fields.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
                                  weight_decay=config.weight_decay, fused=device.type == "cuda" or None)
-    sampler = torch.Generator(device).manual_seed(seed)
+    samplers = [torch.Generator(device).manual_seed(s) for s in seeds]
     image_rows = torch.arange(images, device=device)[:, None] * tokens
     artifact_rows = torch.arange(images, device=device)[:, None] * tokens_per_view
     flat_cache, flat_coords = cache.view(-1, channels), features.coords.view(-1, 2)
@@ -327,7 +348,9 @@ def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate(step)
         phase_two = step >= config.iterations // 2  # G frozen, h on
-        index = torch.randint(tokens, (images, count), generator=sampler, device=device)
+        if step % DRAW_BLOCK == 0:  # each image's token samples for the next DRAW_BLOCK steps, from its own generator
+            draws = torch.stack([torch.randint(tokens, (DRAW_BLOCK, count), generator=g, device=device) for g in samplers], 1)
+        index = draws[step % DRAW_BLOCK]  # (B, count)
         rows = (index + image_rows).view(-1)
         raw = flat_cache.index_select(0, rows).view(images, count, channels).float()
         coords = flat_coords.index_select(0, rows).view(images, count, 2)
