@@ -1,7 +1,6 @@
 """Training the denoiser: the loss falls, a run resumes exactly, DDP equals one process, bad data is named."""
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -95,10 +94,8 @@ def test_paper_schedule_and_loss():
 def test_ddp_under_torchrun_equals_one_process(pairs, tmp_path):
     config = TrainConfig(epochs=1, batch_size=4, lr=2e-3, save_every=1000)
     single = train_denoiser(PairFolder(pairs), tmp_path / "single.safetensors", config, progress=False)
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    # --standalone: torchrun picks a free rendezvous port itself (no race with a probed one)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fastsrt.cli", "train-denoiser", str(pairs), "--out", str(tmp_path / "ddp.safetensors"),
                "--epochs", "1", "--batch-size", "4", "--lr", "2e-3", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

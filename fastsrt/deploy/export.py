@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastsrt.backbone import Backbone, as_backbone
-from fastsrt.dvt.denoiser import Denoiser, backbone_name, same_backbone
+from fastsrt.backbone import Backbone, as_backbone, model_name
+from fastsrt.dvt.denoiser import Denoiser, same_backbone
 from fastsrt.io import atomic_path
 
 
@@ -50,9 +50,9 @@ class FixedSizePipeline(nn.Module):
         backbone = as_backbone(model)
         if not isinstance(backbone, Backbone):
             raise TypeError("the ViT + denoiser export needs a timm ViT")
-        if not same_backbone(denoiser.backbone, backbone_name(backbone)) or denoiser.dim != backbone.embed_dim:
+        if not same_backbone(denoiser.backbone, model_name(backbone)) or denoiser.dim != backbone.embed_dim:
             raise ValueError(f"the denoiser ({denoiser.backbone}, {denoiser.dim} channels) does not belong to "
-                             f"{backbone_name(backbone)} ({backbone.embed_dim} channels)")
+                             f"{model_name(backbone)} ({backbone.embed_dim} channels)")
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         patch = backbone.patch_size
         if size[0] % patch or size[1] % patch:

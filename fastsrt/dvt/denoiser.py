@@ -48,16 +48,6 @@ def check_token_grid(tokens, channels: int) -> None:
         raise TypeError(f"tokens must be floating point, got dtype {tokens.dtype}")
 
 
-def backbone_name(source) -> str | None:
-    """"architecture.tag" of a timm model or a fastsrt Backbone around one; None for callables."""
-    model = getattr(source, "model", source)
-    config = getattr(model, "pretrained_cfg", None) or {}
-    architecture = config.get("architecture")
-    if not architecture:
-        return None
-    return f"{architecture}.{config['tag']}" if config.get("tag") else architecture
-
-
 def timm_name(name) -> str | None:
     """``name`` if it names a timm model ("architecture" or "architecture.tag"), else None."""
     return name if isinstance(name, str) and is_model(split_model_name_tag(name)[0]) else None

@@ -8,11 +8,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastsrt.backbone import as_backbone
+from fastsrt.backbone import as_backbone, model_name
 from fastsrt.checks import check_choice
-from fastsrt.dvt.denoiser import Denoiser, backbone_name, same_backbone
+from fastsrt.dvt.denoiser import Denoiser, same_backbone
 from fastsrt.ops.shift import check_shifts_fit
-from fastsrt.ops.warp_aggregate import OUTPUTS, UPSAMPLES, upsample_tokens, warp_aggregate
+from fastsrt.ops.warp_aggregate import (
+    OUTPUTS,
+    UPSAMPLES,
+    upsample_tokens,
+    warp_aggregate,
+)
 from fastsrt.srt import SRT
 
 
@@ -52,7 +57,7 @@ class DVT(nn.Module):
         check_choice("output", output, OUTPUTS)
         check_choice("upsample", upsample, UPSAMPLES)
         self.backbone = as_backbone(model, patch_size=patch_size, pretrained=pretrained, pad_to_patch=pad_to_patch)
-        name = backbone_name(self.backbone)
+        name = model_name(self.backbone)
         if not isinstance(denoiser, Denoiser):
             denoiser = Denoiser.load(denoiser, backbone=name)
         if not same_backbone(denoiser.backbone, name):

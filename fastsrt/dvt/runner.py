@@ -26,10 +26,23 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from fastsrt.dvt.decomposition import DecomposeConfig, backbone_for, extract_view_features, fit_decomposition
-from fastsrt.dvt.denoiser import backbone_name
+from fastsrt.backbone import model_name
+from fastsrt.dvt.decomposition import (
+    DecomposeConfig,
+    backbone_for,
+    extract_view_features,
+    fit_decomposition,
+)
 from fastsrt.dvt.distributed import rank_and_world_size
-from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, load_tensors, save_tensors
+from fastsrt.io import (
+    ImageReadError,
+    JobReport,
+    check_unique_stems,
+    list_images,
+    load_image,
+    load_tensors,
+    save_tensors,
+)
 
 FORMAT = "fastsrt.dvt.stage1/1"
 KEYS = ("raw", "clean", "artifact")
@@ -65,7 +78,7 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
     if device is not None:
         backbone = backbone.to(device)
     out_dir = Path(out_dir)
-    name = backbone_name(backbone) or (model if isinstance(model, str) else None)  # None: a plain callable
+    name = model_name(backbone) or (model if isinstance(model, str) else None)  # None: a plain callable
     metadata = {"format": FORMAT, **({"model": name} if name else {}), "layer": layer, "image_size": config.size,
                 "patch_size": backbone.patch_size, "grid": config.size // backbone.patch_size, "views": config.views,
                 "iterations": config.iterations, "seed": seed}

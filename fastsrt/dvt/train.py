@@ -20,11 +20,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fastsrt.backbone import model_name
 from fastsrt.checks import check_choice
-from fastsrt.dvt.denoiser import Denoiser, backbone_name, timm_name
+from fastsrt.dvt.denoiser import Denoiser, timm_name
 from fastsrt.dvt.distributed import local_rank, rank_and_world_size
 from fastsrt.dvt.schedule import warmup_cosine
-from fastsrt.io import atomic_path, list_images, load_image, load_metadata, load_tensors, normalize, tensor_shapes
+from fastsrt.io import (
+    atomic_path,
+    list_images,
+    load_image,
+    load_metadata,
+    load_tensors,
+    normalize,
+    tensor_shapes,
+)
 from fastsrt.srt import SRT
 
 AMPS = ("auto", "bf16", "fp16", "none")
@@ -149,7 +158,7 @@ class SRTTargets(Dataset):
             raise ValueError(f"size {self.size} is not a multiple of the patch size {patch}")
         self.grid = (self.size // patch, self.size // patch)
         self.dim = getattr(srt.backbone, "embed_dim", None) or self._probe_channels()
-        self.backbone, self.layer = backbone_name(srt.backbone), srt.layer
+        self.backbone, self.layer = model_name(srt.backbone), srt.layer
 
     def _probe_channels(self) -> int:
         device = next(self.srt.parameters(), torch.empty(0)).device
