@@ -1,6 +1,6 @@
-"""warp_aggregate: the fused Triton kernels (TRITON_INTERPRET=1 on CPU tensors without a GPU) and
-the chunked torch path against the reference, on random tokens with NaN-poisoned outputs; the
-dispatcher and its fallbacks; SRT through the public API."""
+"""warp_aggregate: the fused Triton kernels (CUDA tensors on a GPU machine, TRITON_INTERPRET=1 on
+CPU tensors without one) and the chunked torch path against the reference, on random tokens with
+NaN-poisoned outputs; the dispatcher and its fallbacks; SRT through the public API."""
 import itertools
 import os
 import subprocess
@@ -13,6 +13,7 @@ import torch
 from conftest import rel_err, requires_cuda, tiny_vit
 
 import fastsrt
+from fastsrt.ops import _triton
 from fastsrt.ops import warp_aggregate as wa
 from fastsrt.ops.warp_aggregate import (
     OUTPUTS,
@@ -25,6 +26,9 @@ from fastsrt.ops.warp_aggregate import (
 )
 
 PATCH = 3  # odd and not a power of two, like 14
+# where the fused kernels run compiled: conftest.py sets TRITON_INTERPRET=1 only without a GPU, so a
+# GPU machine runs them on CUDA tensors
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EVERY_MODE = list(itertools.product(REDUCES, UPSAMPLES, [False, True], OUTPUTS))
 
 
@@ -34,7 +38,7 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(wa, "_empty_output", lambda shape, tokens: torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device))
 
 
-def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device="cpu"):
+def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device=DEVICE):
     """Random tokens (K, B, C, h, w) and K shifts: one larger than a patch first, the identity
     twice (duplicates, as in the paper), one beyond two patches, then random ones in [-5, 5]."""
     generator = torch.Generator().manual_seed(seed)
@@ -126,7 +130,8 @@ def test_kernels_compile_for_gpu():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         import fastsrt.ops.warp_aggregate as wa
-        wa._load_triton()
+        from fastsrt.ops import _triton
+        _triton.jit_kernels(vars(wa), wa._TRITON_FUNCTIONS)
         ints = dict.fromkeys(["views", "planes", "h", "w", "patch", "view_stride"], "i32")
         flags = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True, ACC=wa.tl.float32)
         grouped = dict(tokens_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", dx_ptr="*i32", group_dy_ptr="*i32",
@@ -175,7 +180,8 @@ def test_chunked_other_dtypes_one_chunk(dtype, reduce, return_std):
 def test_dispatch_reports_what_ran():
     tokens, shifts = make_case(9)
     expected, _ = warp_aggregate_reference(tokens, shifts, PATCH)
-    for impl, ran in [("auto", "chunked"), ("reference", "reference"), ("fused", "fused"), ("chunked", "chunked")]:
+    auto = "fused" if DEVICE == "cuda" else "chunked"
+    for impl, ran in [("auto", auto), ("reference", "reference"), ("fused", "fused"), ("chunked", "chunked")]:
         out = warp_aggregate(tokens, shifts, PATCH, impl=impl)
         assert out.impl == ran and out.std is None
         assert_matches(out.result, expected)
@@ -183,13 +189,21 @@ def test_dispatch_reports_what_ran():
 
 def test_fused_without_interpreter_on_cpu_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(wa, "_warned", set())
-    tokens, shifts = make_case(2)
-    with pytest.warns(RuntimeWarning, match="need a CUDA GPU"):
+    monkeypatch.setattr(_triton, "_warned", set())
+    tokens, shifts = make_case(2, device="cpu")
+    with pytest.warns(UserWarning, match="need CUDA tensors.*falls back to the chunked"):
         assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
+
+
+def test_fused_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
+    """Compiled Triton on CPU pointers would crash the process: a clear error instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tokens, shifts = make_case(2, device="cpu")
+    with pytest.raises(RuntimeError, match="fused Triton kernels cannot run on this cpu tensor.*TRITON_INTERPRET=1"):
+        warp_aggregate_fused(tokens, shifts, PATCH)
 
 
 def test_import_and_fallback_without_triton():
@@ -234,13 +248,13 @@ def test_bad_input_is_named(change, error, match):
     (dict(reduce="median", upsample="bilinear", ignore_padding=True), True),
 ])
 def test_srt_fused_equals_reference(settings, std):
-    model = tiny_vit(embed_dim=24)  # patch 14
-    images = torch.randn(1, 3, 28, 42, generator=torch.Generator().manual_seed(3))
+    model = tiny_vit(embed_dim=24).to(DEVICE)  # patch 14
+    images = torch.randn(1, 3, 28, 42, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     runs = {}
     for impl in ("reference", "fused", "auto"):
         srt = fastsrt.SRT(model, shifts=1, impl=impl, pretrained=False, **settings)
         runs[impl] = srt.run(images, std=std)
-        assert srt.aggregation_used == {"auto": "chunked"}.get(impl, impl)
+        assert srt.aggregation_used == {"auto": "fused" if DEVICE == "cuda" else "chunked"}.get(impl, impl)
     for impl in ("fused", "auto"):
         # fused views (the patch-embedding kernel) round differently from the model's conv, so
         # even a median is compared as a whole, not element by element

@@ -26,16 +26,14 @@ otherwise, and returns which one ran.
 """
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
-from functools import cache
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from fastsrt.checks import check_choice
+from fastsrt.ops import _triton
 
 UPSAMPLES = ("nearest", "bilinear")
 REDUCES = ("mean", "median")
@@ -328,30 +326,13 @@ def _reduce(values: torch.Tensor, inside: torch.Tensor, reduce: str, ignore_padd
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused Triton path. The kernels below are plain functions until ``_load_triton`` JIT-compiles
-# them on first use: importing fastsrt never needs Triton, and TRITON_INTERPRET=1 (CPU tensors)
-# is honoured whenever it is set before the first fused call.
+# Fused Triton path. The kernels below are plain functions until ``_triton.jit_kernels`` wraps
+# them on first use (binding tl): importing fastsrt never needs Triton, and TRITON_INTERPRET=1
+# (CPU tensors) is honoured whenever it is set before a fused call.
 
-tl = None  # triton.language, bound by _load_triton
+tl = None  # triton.language, bound by _triton.jit_kernels
 _TRITON_FUNCTIONS = ("_axis_taps", "_sample_token_row", "_lower_middle", "_grouped_mean_kernel", "_per_pixel_kernel")
 _SELECT_MAX_VIEWS = 16  # up to this many (padded) views the median is a rank selection, above it a sort
-
-
-@cache
-def _load_triton():
-    """Imports Triton and JIT-wraps this file's kernels once; raises if Triton cannot be imported."""
-    global tl
-    import triton
-    import triton.language as language
-
-    tl = language
-    for name in _TRITON_FUNCTIONS:
-        globals()[name] = triton.jit(globals()[name])
-    return triton
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _axis_taps(pos, shift, patch, n_tokens, BILINEAR: tl.constexpr, ACC: tl.constexpr):
@@ -553,9 +534,11 @@ def warp_aggregate_fused(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as ``warp_aggregate_reference``, in one Triton kernel launch that reads the
     token grids and writes only the outputs: the grouped mean, or (median, std) the per-pixel
-    register tile. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    register tile. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; a RuntimeError elsewhere
+    (``warp_aggregate`` falls back to the chunked path instead)."""
     check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
-    triton = _load_triton()
+    triton = _triton.require(tokens, "warp_aggregate's fused Triton kernels")
+    _triton.jit_kernels(globals(), _TRITON_FUNCTIONS)
     views, batch, channels, h, w = tokens.shape
     tokens = tokens.contiguous()
     shifts = [(int(dy), int(dx)) for dy, dx in shifts]
@@ -566,42 +549,44 @@ def warp_aggregate_fused(
     planes = batch * channels
     # elements per program's tile: the interpreter pays per program and per op, a GPU per register
     # (the per-pixel tile holds K values per output and spills above 2048 on sm_90)
-    interpreted = _interpreting()
+    interpreted = _triton.interpreting()
     flags = dict(IGNORE_PADDING=ignore_padding, BILINEAR=upsample == "bilinear", TOKEN_OUTPUT=output == "token",
                  ACC=tl.float64 if tokens.dtype == torch.float64 else tl.float32)
 
     def as_int32(values):
         return torch.tensor(values, dtype=torch.int32, device=tokens.device)
 
-    if reduce == "mean" and not return_std:
-        order = sorted(range(views), key=lambda k: shifts[k][0])  # views grouped by dy
-        group_dy, group_start = [], []
-        for i, k in enumerate(order):
-            if not group_dy or shifts[k][0] != group_dy[-1]:
-                group_dy.append(shifts[k][0])
-                group_start.append(i)
-        tile = 1 << 15 if interpreted else 4096
-        p_pad = _next_power_of_2(patch_size)
-        tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
-        block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
-        _grouped_mean_kernel[(triton.cdiv(planes, block_c), h, triton.cdiv(w, tokens_w))](
-            tokens, result, as_int32(order), as_int32([shifts[k][1] for k in order]),
-            as_int32(group_dy), as_int32(group_start + [views]),
-            len(group_dy), views, planes, h, w, patch_size, planes * h * w,
-            BLOCK_C=block_c, P_PAD=p_pad, TOKENS_W=tokens_w, **flags,
-        )
-    else:
-        tile = 1 << 15 if interpreted else 2048
-        k_pad = _next_power_of_2(views)
-        block_c = min(_next_power_of_2(planes), 4)
-        block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(result[0, 0].numel())))
-        _per_pixel_kernel[(triton.cdiv(result[0, 0].numel(), block_p), triton.cdiv(planes, block_c))](
-            tokens, result, result if std is None else std,
-            as_int32([dy for dy, _ in shifts]), as_int32([dx for _, dx in shifts]),
-            views, planes, h, w, patch_size, planes * h * w,
-            MEDIAN=reduce == "median", RETURN_STD=return_std,
-            BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad, SELECT_MAX=_SELECT_MAX_VIEWS, **flags,
-        )
+    with _triton.on_device(tokens):
+        if reduce == "mean" and not return_std:
+            order = sorted(range(views), key=lambda k: shifts[k][0])  # views grouped by dy
+            group_dy, group_start = [], []
+            for i, k in enumerate(order):
+                if not group_dy or shifts[k][0] != group_dy[-1]:
+                    group_dy.append(shifts[k][0])
+                    group_start.append(i)
+            tile = 1 << 15 if interpreted else 4096
+            p_pad = _next_power_of_2(patch_size)
+            tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
+            block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
+            _grouped_mean_kernel[(triton.cdiv(planes, block_c), h, triton.cdiv(w, tokens_w))](
+                tokens, result, as_int32(order), as_int32([shifts[k][1] for k in order]),
+                as_int32(group_dy), as_int32(group_start + [views]),
+                len(group_dy), views, planes, h, w, patch_size, planes * h * w,
+                BLOCK_C=block_c, P_PAD=p_pad, TOKENS_W=tokens_w, **flags,
+            )
+        else:
+            tile = 1 << 15 if interpreted else 2048
+            k_pad = _next_power_of_2(views)
+            positions = result[0, 0].numel()
+            block_c = min(_next_power_of_2(planes), 4)
+            block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(positions)))
+            _per_pixel_kernel[(triton.cdiv(positions, block_p), triton.cdiv(planes, block_c))](
+                tokens, result, result if std is None else std,
+                as_int32([dy for dy, _ in shifts]), as_int32([dx for _, dx in shifts]),
+                views, planes, h, w, patch_size, planes * h * w,
+                MEDIAN=reduce == "median", RETURN_STD=return_std,
+                BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad, SELECT_MAX=_SELECT_MAX_VIEWS, **flags,
+            )
     return result, std
 
 
@@ -616,7 +601,6 @@ class WarpAggregateOutput(NamedTuple):
 
 
 _IMPLEMENTATIONS = {"reference": warp_aggregate_reference, "fused": warp_aggregate_fused, "chunked": warp_aggregate_chunked}
-_warned: set[str] = set()
 
 
 def warp_aggregate(
@@ -647,23 +631,8 @@ def choose_impl(impl: str, device: torch.device) -> str:
         return impl
     if impl == "auto" and device.type != "cuda":
         return "chunked"
-    reason = _fused_unavailable(device)
+    reason = _triton.unavailable(device)
     if reason is None:
         return "fused"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"{reason}; warp_aggregate falls back to the chunked torch path", RuntimeWarning, stacklevel=3)
+    _triton.warn_once(f"{reason}: warp_aggregate falls back to the chunked torch path", stacklevel=4)
     return "chunked"
-
-
-def _fused_unavailable(device: torch.device) -> str | None:
-    """Why the fused kernels cannot run on ``device`` tensors, or None."""
-    if device.type not in ("cuda", "cpu"):
-        return f"the fused Triton kernels do not run on {device.type} tensors"
-    if device.type == "cpu" and not _interpreting():
-        return "the fused Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
-    try:
-        _load_triton()
-    except Exception as error:  # not installed, or broken: the same for the user
-        return f"Triton is not usable ({type(error).__name__}: {error})"
-    return None
