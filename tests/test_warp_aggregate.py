@@ -122,6 +122,26 @@ def test_fused_on_cuda(reduce, upsample, ignore_padding, output):
         check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, True, patch=14)
 
 
+@pytest.mark.parametrize("reduce", REDUCES)  # the grouped-mean and the per-pixel kernel
+def test_launch_grids_stay_within_cuda_limits(monkeypatch, reduce):
+    """CUDA grids allow 2^31 - 1 programs on axis 0 but only 65535 on axes 1 and 2: 300,000
+    planes (B*C) must not land on those. The launch is recorded, not run."""
+    _triton.jit_kernels(vars(wa), wa._TRITON_FUNCTIONS)
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_grouped_mean_kernel", "_per_pixel_kernel"):
+        monkeypatch.setattr(wa, name, Recorder())
+    tokens = torch.randn(2, 1, 300_000, 1, 2)
+    warp_aggregate_fused(tokens, [(0, 0), (1, 0)], 2, reduce=reduce)
+    (grid,) = grids
+    assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:]), grid
+
+
 def test_kernels_compile_for_gpu():
     """Triton's own LLVM and ptxas compile the kernels for sm_90 without a GPU: catches what the
     interpreter accepts and the compiler does not (run in a subprocess, out of interpreter mode)."""
@@ -136,7 +156,8 @@ def test_kernels_compile_for_gpu():
         flags = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True, ACC=wa.tl.float32)
         grouped = dict(tokens_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", dx_ptr="*i32", group_dy_ptr="*i32",
                        group_start_ptr="*i32", groups="i32", **ints)
-        per_pixel = dict(tokens_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", **ints)
+        per_pixel = dict(tokens_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", **ints,
+                         position_blocks="i32")
         cases = [(wa._grouped_mean_kernel, grouped, dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, **flags))]
         for k_pad in (16, 64):  # rank selection, sort
             cases.append((wa._per_pixel_kernel, per_pixel, dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=2048 // (4 * k_pad),

@@ -455,14 +455,16 @@ def _lower_middle(keyed, middle, K_PAD: tl.constexpr, SELECT_MAX: tl.constexpr):
 
 def _per_pixel_kernel(
     tokens_ptr, out_ptr, std_ptr, dy_ptr, dx_ptr,
-    views, planes, h, w, patch, view_stride,
+    views, planes, h, w, patch, view_stride, position_blocks,
     MEDIAN: tl.constexpr, RETURN_STD: tl.constexpr, IGNORE_PADDING: tl.constexpr,
     BILINEAR: tl.constexpr, TOKEN_OUTPUT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr, SELECT_MAX: tl.constexpr, ACC: tl.constexpr,
 ):
     """Median and/or std (and the mean with std): a [BLOCK_C planes, BLOCK_P outputs, K_PAD views]
     register tile of the sampled values per output pixel, reduced over the views. A token output
-    loops over its p x p pixels and averages their results (the fused average pool)."""
+    loops over its p x p pixels and averages their results (the fused average pool). A 1-D grid
+    (axes 1 and 2 stop at 65535 programs): program = plane block * position_blocks + position
+    block, so that neighbouring programs read the same planes."""
     if TOKEN_OUTPUT:
         out_w = w
         out_size = h * w
@@ -471,8 +473,9 @@ def _per_pixel_kernel(
         out_w = w * patch
         out_size = h * w * patch * patch
         sub_pixels = 1
-    out_pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
-    out_plane = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
+    program = tl.program_id(0)
+    out_pos = (program % position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
+    out_plane = (program // position_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
     out_ok = (out_pos < out_size) & (out_plane < planes)
     pos = out_pos[:, :, None]  # the tile axes: [planes, outputs, views]
     k = tl.arange(0, K_PAD)[None, None, :]
@@ -568,6 +571,7 @@ def warp_aggregate_fused(
             p_pad = _next_power_of_2(patch_size)
             tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
             block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
+            # planes on axis 0 (up to 2^31 - 1 programs); token rows and columns stay far below 65535
             _grouped_mean_kernel[(triton.cdiv(planes, block_c), h, triton.cdiv(w, tokens_w))](
                 tokens, result, as_int32(order), as_int32([shifts[k][1] for k in order]),
                 as_int32(group_dy), as_int32(group_start + [views]),
@@ -580,10 +584,11 @@ def warp_aggregate_fused(
             positions = result[0, 0].numel()
             block_c = min(_next_power_of_2(planes), 4)
             block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(positions)))
-            _per_pixel_kernel[(triton.cdiv(positions, block_p), triton.cdiv(planes, block_c))](
+            position_blocks = triton.cdiv(positions, block_p)
+            _per_pixel_kernel[(triton.cdiv(planes, block_c) * position_blocks,)](
                 tokens, result, result if std is None else std,
                 as_int32([dy for dy, _ in shifts]), as_int32([dx for _, dx in shifts]),
-                views, planes, h, w, patch_size, planes * h * w,
+                views, planes, h, w, patch_size, planes * h * w, position_blocks,
                 MEDIAN=reduce == "median", RETURN_STD=return_std,
                 BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad, SELECT_MAX=_SELECT_MAX_VIEWS, **flags,
             )
