@@ -208,6 +208,22 @@ def test_dispatch_reports_what_ran():
         assert_matches(out.result, expected)
 
 
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_dispatch_checks_once_and_reuses_the_shift_tables(monkeypatch, reduce):
+    """One argument check per call; the kernels' int32 shift tables are made once per shifts and
+    device, not copied to the device on every call."""
+    checks = []
+    monkeypatch.setattr(wa, "check_warp_aggregate_args", lambda *args: checks.append(args))
+    tokens, shifts = make_case(3, batch=1, channels=1, h=2, w=3)
+    tables = wa._grouped_shift_tables if reduce == "mean" else wa._shift_tables
+    tables.cache_clear()
+    first = warp_aggregate(tokens, shifts, PATCH, reduce=reduce, impl="fused")
+    second = warp_aggregate(tokens, list(shifts), PATCH, reduce=reduce, impl="fused")
+    assert len(checks) == 2
+    assert (tables.cache_info().misses, tables.cache_info().hits) == (1, 1)
+    assert torch.equal(first.result, second.result)
+
+
 def test_fused_without_interpreter_on_cpu_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_triton, "_warned", set())
