@@ -7,10 +7,13 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import weakref
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from conftest import rel_err, requires_cuda, tiny_vit
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsrt
 from fastsrt.ops import _triton
@@ -89,11 +92,12 @@ def test_fused_matches_reference(reduce, upsample, ignore_padding, output, retur
     ("median", False, False, "token"),
 ])
 @pytest.mark.parametrize("views", [1, 2, 50])
-def test_fused_view_counts(views, reduce, return_std, ignore_padding, output):
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_fused_view_counts(upsample, views, reduce, return_std, ignore_padding, output):
     """K = 1, 2 (the lower middle of two) and 50 (the median's sorting path) on a small grid: the
     interpreter's tl.sort costs about 60 ms per sorted row."""
     tokens, shifts = make_case(views, batch=1, channels=1, h=2, w=3)
-    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, "bilinear", ignore_padding, output, return_std)
+    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, return_std)
 
 
 def test_fused_median_of_128_views():
@@ -115,11 +119,45 @@ def test_fused_patch_14_nearest_paper_settings():
 
 
 @requires_cuda
+@pytest.mark.parametrize("return_std", [False, True])  # without std, the mean runs the grouped kernel
 @pytest.mark.parametrize("reduce,upsample,ignore_padding,output", EVERY_MODE)
-def test_fused_on_cuda(reduce, upsample, ignore_padding, output):
+def test_fused_on_cuda(reduce, upsample, ignore_padding, output, return_std):
     for views, dtype in [(9, torch.float32), (50, torch.float32), (50, torch.bfloat16)]:
         tokens, shifts = make_case(views, dtype=dtype, batch=2, channels=40, h=11, w=13, device="cuda")
-        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, True, patch=14)
+        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, return_std, patch=14)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_fused_peak_memory_on_cuda(reduce):
+    """The issue's bound: the fused path needs at most 1.2 x (token grids + output), K = 50,
+    C = 64, 224 x 224 (p = 14): nothing per view at pixel resolution."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    tokens, shifts = make_case(50, batch=1, channels=64, h=16, w=16, device="cuda")
+    warp_aggregate_fused(tokens, shifts, 14, reduce=reduce)  # compiles, and caches the shift tables
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result, _ = warp_aggregate_fused(tokens, shifts, 14, reduce=reduce)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= 1.2 * (tokens.nbytes + result.nbytes), (peak, tokens.nbytes, result.nbytes)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduce", REDUCES)  # the grouped-mean and the per-pixel kernel
+def test_fused_offsets_beyond_int32_on_cuda(reduce):
+    """2048 planes of 1036 x 1036 output pixels: 2.2e9 elements, past 2^31, so element offsets
+    must be 64-bit. Planes at both ends are compared with the reference on those planes alone."""
+    tokens = torch.randn(2, 1, 2048, 74, 74, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    shifts = [(0, 0), (3, -5)]
+    result, _ = warp_aggregate_fused(tokens, shifts, 14, reduce=reduce)
+    assert result.numel() > 2**31
+    for plane in (0, 1, 2047):
+        expected, _ = warp_aggregate_reference(tokens[:, :, plane : plane + 1], shifts, 14, reduce=reduce)
+        assert_matches(result[:, plane : plane + 1], expected, exact_elements=reduce == "median")
+    del result
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("reduce", REDUCES)  # the grouped-mean and the per-pixel kernel
@@ -193,6 +231,56 @@ def test_chunked_matches_reference(monkeypatch, reduce, upsample, ignore_padding
 def test_chunked_other_dtypes_one_chunk(dtype, reduce, return_std):
     tokens, shifts = make_case(9, dtype=dtype)
     check_against_reference(warp_aggregate_chunked, tokens, shifts, reduce, "bilinear", True, "token", return_std)
+
+
+class AllocationPeak(TorchDispatchMode):
+    """The peak bytes of the tensor storages that ops under this mode allocate (each counted
+    until its storage is freed), leaving out the storages of ``existing`` tensors (views of the
+    inputs). Temporaries inside one op (e.g. a sort's buffers) are not seen."""
+
+    def __init__(self, *existing: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()  # one Python object per storage, finalised when it is freed
+                if storage.nbytes() and storage.data_ptr() not in self.counted:
+                    self.counted.add(storage.data_ptr())
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def _freed(self, pointer: int, size: int) -> None:
+        self.counted.discard(pointer)
+        self.live -= size
+
+
+@pytest.mark.parametrize("reduce,upsample,ignore_padding,output,return_std", [
+    ("mean", "nearest", False, "pixel", False),  # the grouped mean
+    ("median", "nearest", True, "token", True),  # the in-token offset classes
+    ("median", "bilinear", False, "pixel", True),  # rows of K warped values
+])
+def test_chunked_peak_memory_is_a_few_chunks(monkeypatch, reduce, upsample, ignore_padding, output, return_std):
+    """Beyond its outputs the chunked path holds a few chunks, never K x C x H x W: at K = 50 and
+    4096-element chunks at most 8 chunks (measured: 0.5 to 5), where the reference holds ~370 to
+    ~740 of them. A chunk is at least the K values of one token row of one plane."""
+    monkeypatch.setattr(wa, "CHUNK_ELEMENTS", 4096)
+    tokens, shifts = make_case(50, batch=1, channels=32, device="cpu")
+    views, _, channels, h, w = tokens.shape
+    chunk_bytes = 4 * max(wa.CHUNK_ELEMENTS, views * PATCH * w * PATCH)
+    args = (tokens, shifts, PATCH, upsample, reduce, ignore_padding, output, return_std)
+    peaks = {}
+    for name, implementation in [("chunked", warp_aggregate_chunked), ("reference", warp_aggregate_reference)]:
+        with AllocationPeak(tokens) as tracked:
+            result, std = implementation(*args)
+        outputs = result.nbytes + (std.nbytes if return_std else 0)
+        peaks[name] = (tracked.peak - outputs) / chunk_bytes
+    assert peaks["chunked"] <= 8 and peaks["reference"] >= 100, peaks
 
 
 # ---- dispatch, fallbacks, bad input -------------------------------------------------------
