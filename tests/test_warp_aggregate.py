@@ -41,6 +41,14 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(wa, "_empty_output", lambda shape, tokens: torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device))
 
 
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    """float32 comparisons at 1e-5 need the model's own convolutions and matmuls in true float32:
+    on Ampere and later cuDNN convolutions default to TF32 (~1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device=DEVICE):
     """Random tokens (K, B, C, h, w) and K shifts: one larger than a patch first, the identity
     twice (duplicates, as in the paper), one beyond two patches, then random ones in [-5, 5]."""
@@ -174,7 +182,7 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch, reduce):
 
     for name in ("_grouped_mean_kernel", "_per_pixel_kernel"):
         monkeypatch.setattr(wa, name, Recorder())
-    tokens = torch.randn(2, 1, 300_000, 1, 2)
+    tokens = torch.randn(2, 1, 300_000, 1, 2, device=DEVICE)
     warp_aggregate_fused(tokens, [(0, 0), (1, 0)], 2, reduce=reduce)
     (grid,) = grids
     assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:]), grid
