@@ -154,6 +154,10 @@ def markdown(report: dict) -> str:
         "",
         f"Settings: {report['settings']}. Copy bandwidth measured: {report['copy_gbps']:.1f} GB/s.",
         "",
+        f"1-minute load average {report['load_average'][0]} at the start and {report['load_average'][1]} at the end of the "
+        f"last command, {report['threads']} torch threads (a load above the thread count means other processes shared "
+        "the cores: times are noisy).",
+        "",
         "| impl | reduce | views | channels | H x W | dtype | ms | peak MiB | tokens+output MiB | GB/s | % of copy | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -240,8 +244,10 @@ def main() -> int:
     command = command_line(__file__)
     timing = dict(repeats=10, seconds=10.0) if device.type == "cuda" else dict(repeats=5, seconds=30.0)
     memory = available_bytes(device) if device.type == "cpu" else torch.cuda.get_device_properties(device).total_memory
+    load_before = os.getloadavg()[0]
     report = {
         "device": name,
+        "threads": torch.get_num_threads(),
         "device_type": device.type,
         **{k: v for k, v in versions().items() if k != "timm"},
         "command": command,
@@ -272,6 +278,7 @@ def main() -> int:
                 result = {"ms": None, "peak_mib": None, "gbps": None, "note": result["error"]}
         results.add(row | result)
         tqdm.write(json.dumps(row | result))
+        report["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         report["targets"] = targets({**report, "rows": results.rows})
         saved = results.save(report, markdown)
     if saved is None:
