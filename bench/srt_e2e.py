@@ -1,45 +1,61 @@
 """End-to-end SRT throughput: images per second and peak memory of a whole SRT call.
 
 Variants, for each model x views K x batch B x dtype:
-  (a) authors     the authors' style: per image, views in float32 mini-batches of 32, each view's
-                  tokens nearest-upsampled and inverse-shifted one by one into a running sum
-                  (float32 only, as the authors run it)
-  (b) reference   fastsrt.SRT(impl="reference", dtype=...)
-  (c) fused       fastsrt.SRT(impl="fused", dtype=..., cuda_graph=on CUDA)
-  (d) floor       K bare backbone forwards on pre-shifted inputs, same precision and view batch
-  (+) fused_views diagnostic: the fused path's view tokens alone (SRT.view_tokens, no aggregation)
+  (a) authors      the authors' style: per image, views in float32 mini-batches of 32 through
+                   fastsrt's Backbone (input checks included), each view's tokens nearest-upsampled
+                   and inverse-shifted one by one into a running sum (float32 only, as they run it)
+  (b) reference    fastsrt.SRT(impl="reference", dtype=...): shifted images through the Backbone,
+                   the reference aggregation (every view at pixel resolution)
+  (c) fused        fastsrt.SRT(impl="fused", dtype=..., cuda_graph=on CUDA unless --no-cuda-graph):
+                   the shift+patch-embed kernel, timm's blocks, the fused aggregation
+  (d) floor        the K*B bare backbone forwards alone: views shifted before the timing, then
+                   model.forward_intermediates (final norm, last block) straight on them in view
+                   batches, same autocast dtype, eager; no input checks, no token copies, no
+                   aggregation
+      floor_graph  the same forwards captured once as one CUDA graph and replayed: the floor of a
+                   fused row that runs CUDA graphs (CUDA with cuda_graph only)
+  (+) fused_views  diagnostic: the fused path's view tokens alone (SRT.view_tokens, no aggregation)
 All SRT rows use the paper's settings (nearest, zero padding, unmasked mean, pixel output) and
-view_batch="auto". Random weights (timing only).
+view_batch="auto" (the floor sizes its view batch the same way). Random weights (timing only).
 
-    python bench/srt_e2e.py              # GPU: the full grid (2 models, 518x518, K 10/50, B 1/8, fp32/bf16)
-    python bench/srt_e2e.py --size 224   # any grid axis can be narrowed from the command line
+    python bench/srt_e2e.py                   # GPU: 2 models, 518x518, K 10/50, B 1/8, fp32/bf16
+    python bench/srt_e2e.py --device cpu      # CPU: reduced grid (stated in the results)
+    python bench/srt_e2e.py --models vit_base_patch14_dinov2 --views 50 --batch 8   # a part of the grid
 
-On a CPU the defaults are reduced (stated in the results) and each row runs in its own process
-(peak memory from the process's resident set). peak_mib is the memory a call needs beyond the
-model weights and the input images (GPU: torch.cuda.max_memory_allocated over warm-up and timed
-repetitions minus what was allocated before; CPU: peak RSS minus the RSS before).
-Writes bench/results/srt_e2e-<device>.json and .md.
+Results go to bench/results/srt_e2e-<device>.json and .md, saved after every row and merged with
+the rows already there (same model/size/K/B/dtype/impl: replaced), so a 600-s-limited GPU command
+can measure a part of the grid (--models, --views, --batch, --dtypes, --impls, --size) and later
+commands add the rest. On a CPU each row runs in its own process (peak memory from the process's
+resident set). peak_mib is the memory a call needs beyond the model weights and the input images
+(GPU: torch.cuda.max_memory_allocated over warm-up and timed repetitions minus what was allocated
+before; CPU: peak RSS minus the RSS before).
 """
 from __future__ import annotations
 
-import argparse
-import gc
-import json
 import os
-import platform
-import re
-import resource
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runs from a checkout without installing fastsrt
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_common (puts the repo root on sys.path)
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    PeakMemory,
+    Results,
+    command_line,
+    device_name,
+    median_ms,
+    run_row_process,
+    time_call,
+    verdict,
+    versions,
+)
 
 import fastsrt  # noqa: E402  (before timm: torchvision shim on a CPU-only torch)
 from fastsrt.backbone import Backbone  # noqa: E402
@@ -48,11 +64,14 @@ from fastsrt.ops.shift import shift_images  # noqa: E402
 from fastsrt.views import paper_grid, random_shifts  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IMPLS = ("authors", "reference", "fused", "floor", "fused_views")
-GPU_DEFAULTS = dict(models=["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"], size=518, views=[10, 50],
-                    batch=[1, 8], dtypes=["float32", "bfloat16"], reps=5)
-CPU_DEFAULTS = dict(models=["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"], size=112, views=[10],
-                    batch=[1, 2], dtypes=["float32", "bfloat16"], reps=3)
+IMPLS = ("authors", "reference", "fused", "floor", "floor_graph", "fused_views")
+KEY = ("model", "size", "views", "batch", "dtype", "impl")
+DEFAULTS = {
+    "cuda": dict(models=["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"], size=518, views=[10, 50],
+                 batch=[1, 8], dtypes=["float32", "bfloat16"], reps=5),
+    "cpu": dict(models=["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"], size=112, views=[10, 50],
+                batch=[1, 2], dtypes=["float32", "bfloat16"], reps=3),
+}
 
 
 def schedule(views: int) -> list[tuple[int, int]]:
@@ -90,68 +109,67 @@ def shift_zero(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
+def floor_call(spec: dict, backbone: Backbone, images: torch.Tensor, shifts, dtype: torch.dtype | None):
+    """The K*B bare forwards of the floor rows, on views shifted here (outside the timing)."""
+    device = images.device
+    model = backbone.model
+    views = shift_images(images, shifts)
+    last = len(model.blocks) - 1
+
+    def forward(batch_views: torch.Tensor):
+        return model.forward_intermediates(batch_views, indices=[last], norm=True, stop_early=True,
+                                           output_fmt="NCHW", intermediates_only=True)
+
+    if spec["compile"]:
+        forward = torch.compile(forward, dynamic=False)
+    batch = images.shape[0]
+    kept = 4 * backbone.embed_dim * (views.shape[-2] // backbone.patch_size) * (views.shape[-1] // backbone.patch_size)
+    with torch.no_grad(), precision(device, dtype):  # the view batch SRT's "auto" would pick, kept token grids included
+        chunk = auto_view_batch(lambda n: forward(views[: n * batch]), len(shifts), batch, kept, device)
+
+    def bare():
+        with precision(device, dtype):
+            for start in range(0, len(views), chunk):
+                forward(views[start : start + chunk])
+
+    how = f"view batch {chunk}, compile={spec['compile']}"
+    if spec["impl"] == "floor":
+        return bare, f"bare forward_intermediates on pre-shifted views, eager, {how}"
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up (compilation, cuBLAS workspaces) outside the capture
+            for _ in range(2):
+                bare()
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            bare()
+    return graph.replay, f"bare forward_intermediates on pre-shifted views, all view batches as one CUDA graph replay, {how}"
+
+
 def make_call(spec: dict, backbone: Backbone, images: torch.Tensor):
-    """The timed function of one row, and a note on how it ran."""
+    """The timed function of one row, and a note saying exactly what it runs."""
     shifts = schedule(spec["views"])
     dtype = DTYPES[spec["dtype"]]
     impl = spec["impl"]
     if impl == "authors":
-        return (lambda: authors_loop(backbone, images, shifts)), "float32 mini-batches of 32 views"
-    if impl == "floor":
-        views = shift_images(images, shifts)  # pre-shifted, outside the timing
-        batch = images.shape[0]
-        with precision(images.device, dtype):
-            chunk = auto_view_batch(lambda n: backbone(views[: n * batch]), len(shifts), batch,
-                                    4 * backbone.embed_dim * views.shape[-2] * views.shape[-1] // backbone.patch_size**2,
-                                    images.device)
-
-        def floor():
-            with precision(images.device, dtype):
-                return [backbone(views[i : i + chunk]).tokens[0] for i in range(0, len(views), chunk)]
-
-        return floor, f"view batch {chunk}"
+        return (lambda: authors_loop(backbone, images, shifts)), \
+            "float32, per image, 32-view mini-batches through Backbone, per-view upsample + inverse shift into a running sum"
+    if impl in ("floor", "floor_graph"):
+        return floor_call(spec, backbone, images, shifts, dtype)
     cuda_graph = spec["cuda_graph"] and images.is_cuda
     srt = fastsrt.SRT(backbone, shifts, impl="reference" if impl == "reference" else "fused", dtype=dtype,
                       cuda_graph=cuda_graph, compile=spec["compile"])
-    note = []
-    if impl != "reference":
-        note.append(f"cuda_graph={cuda_graph}, compile={spec['compile']}")
-        if not images.is_cuda:
-            note.append("CPU: the Triton kernel cannot run natively, the patch embedding is its torch reference")
+    if impl == "reference":
+        return (lambda: srt(images)), "SRT(impl='reference'): shifted images through Backbone, reference aggregation"
+    note = f"SRT(impl='fused'), cuda_graph={cuda_graph}, compile={spec['compile']}"
+    if not images.is_cuda:
+        note += ("; CPU: the Triton kernels do not run natively, so the patch embedding is its torch reference "
+                 "and the aggregation the chunked torch path")
     if impl == "fused_views":
-        return (lambda: srt.view_tokens(images)), "; ".join(note + ["diagnostic: view tokens only, no aggregation"])
-    return (lambda: srt(images)), "; ".join(note)
-
-
-def measure(call, device: torch.device, warmup: int, reps: int) -> tuple[float, float]:
-    """(median seconds per call, peak MiB beyond what was allocated before)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        sync()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        before = current_rss()
-    with torch.no_grad():
-        for _ in range(warmup):
-            call()
-        seconds = []
-        for _ in range(reps):
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            seconds.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss: KiB on Linux
-    return statistics.median(seconds), max(peak, 0) / 2**20
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return (lambda: srt.view_tokens(images)), note + "; diagnostic: view tokens only, no aggregation"
+    return (lambda: srt(images)), note
 
 
 def run_row(spec: dict) -> dict:
@@ -159,11 +177,15 @@ def run_row(spec: dict) -> dict:
     torch.manual_seed(0)
     backbone = Backbone(spec["model"], pretrained=False).eval().to(device)
     images = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=device)
-    row = {k: spec[k] for k in ("model", "views", "batch", "dtype", "impl")}
+    row = {k: spec[k] for k in KEY}
+    if spec["impl"] in ("fused", "fused_views"):
+        row["cuda_graph"] = spec["cuda_graph"] and device.type == "cuda"
     try:
-        call, note = make_call(spec, backbone, images)
-        seconds, peak = measure(call, device, spec["warmup"], spec["reps"])
-        row.update(images_per_s=round(spec["batch"] / seconds, 4), peak_mib=round(peak, 1), note=note)
+        with torch.no_grad():
+            call, note = make_call(spec, backbone, images)
+            with PeakMemory(device) as memory:  # over warm-up and timed calls
+                times = time_call(call, device, spec["warmup"], spec["reps"])
+        row.update(images_per_s=round(spec["batch"] / (median_ms(times) / 1e3), 4), peak_mib=round(memory.mib, 1), note=note)
     except torch.cuda.OutOfMemoryError:
         row.update(images_per_s=None, peak_mib=None, note="out of GPU memory")
     finally:
@@ -174,59 +196,85 @@ def run_row(spec: dict) -> dict:
     return row
 
 
-def run_isolated(spec: dict) -> dict:
-    """One row in a fresh process (a clean peak-RSS measurement on CPU)."""
-    done = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    row = {k: spec[k] for k in ("model", "views", "batch", "dtype", "impl")}
-    return {**row, "images_per_s": None, "peak_mib": None, "note": f"failed: {error[:200]}"}
+def find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get("images_per_s")), None)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+def targets(rows: list[dict], on_gpu: bool) -> list[str]:
+    """The issue's targets at K=50, per model and batch: fused bfloat16 >= 10x the authors'-style
+    loop's images/s, and within 10% of the floor (the CUDA-graph floor when fused ran graphs)."""
+    lines = [] if on_gpu else ["CPU rows, for the record: the issue sets these targets for an H100/H200, and times on a "
+                               "shared CPU (see the load average) are too noisy for a verdict either way"]
+    groups = sorted({(r["model"], r["size"], r["batch"]) for r in rows if r["views"] == 50})
+    if not groups:
+        return lines + ["fused bf16 >= 10x the authors' loop and within 10% of the floor at K=50: not measured (no K=50 rows)"]
+    for model, size, batch in groups:
+        where = f"{model}, {size}x{size}, K=50, B={batch}"
+        common = dict(model=model, size=size, views=50, batch=batch)
+        fused = find(rows, **common, dtype="bfloat16", impl="fused")
+        authors = find(rows, **common, dtype="float32", impl="authors")
+        if not fused:
+            lines.append(f"{where}: not measured (no fused bfloat16 time)")
+            continue
+        if authors:
+            ratio = fused["images_per_s"] / authors["images_per_s"]
+            line = f"{where}: fused bf16 {fused['images_per_s']:.3g} img/s = {ratio:.2f}x the authors' loop (goal >= 10x: {verdict(ratio >= 10)})"
+            if ratio < 10:
+                line += "; " + gap_reason(rows, common, fused)
+            lines.append(line)
+        else:
+            lines.append(f"{where}: 10x the authors' loop not measured (no authors row)")
+        floor_impl = "floor_graph" if fused.get("cuda_graph") else "floor"
+        floor = find(rows, **common, dtype="bfloat16", impl=floor_impl)
+        if floor:
+            share = fused["images_per_s"] / floor["images_per_s"]
+            line = (f"{where}: fused bf16 at {100 * share:.0f}% of the {floor_impl} ({floor['images_per_s']:.3g} img/s; "
+                    f"goal >= 90%: {verdict(share >= 0.9)})")
+            if share < 0.9:
+                line += "; " + gap_reason(rows, common, fused, floor)
+            lines.append(line)
+        else:
+            lines.append(f"{where}: within 10% of the floor not measured (no bfloat16 {floor_impl} row)")
+    return lines
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def gap_reason(rows: list[dict], common: dict, fused: dict, floor: dict | None = None) -> str:
+    """Where a fused call's time goes, from the rows measured: backbone floor, the rest of the view
+    path (fused_views minus floor) and the aggregation (fused minus fused_views), per image."""
+    floor = floor or find(rows, **common, dtype="bfloat16", impl="floor_graph" if fused.get("cuda_graph") else "floor")
+    views = find(rows, **common, dtype="bfloat16", impl="fused_views")
+    total = 1e3 / fused["images_per_s"]
+    parts = [f"a fused call takes {total:.3g} ms per image"]
+    if floor:
+        parts.append(f"the bare forwards {1e3 / floor['images_per_s']:.3g} ms")
+    if views:
+        parts.append(f"view tokens alone {1e3 / views['images_per_s']:.3g} ms, so the aggregation {total - 1e3 / views['images_per_s']:.3g} ms")
+    return ", ".join(parts)
 
 
 def markdown(result: dict) -> str:
     lines = [
         f"# SRT end to end ({result['device']})", "",
-        f"- torch {result['torch']}, triton {result['triton']}, timm {result['timm']}, {result['threads']} CPU threads, "
+        f"- torch {result['torch']}, triton {result['triton']}, timm {result['timm']}, {result['threads']} CPU threads; "
         f"1-minute load average {result['load_average'][0]} at the start and {result['load_average'][1]} at the end "
-        f"(above the thread count, other processes shared the cores and the times are noisy)",
-        f"- command: `{result['command']}`",
-        f"- images {result['size']}x{result['size']}, random weights, warm-up {result['warmup']}, median of {result['reps']} calls",
+        "of the last command (above the thread count, other processes shared the cores and the times are noisy)",
+        "- commands: " + "; ".join(f"`{c}`" for c in result["commands"]),
+        f"- warm-up {result['warmup']}, median of {result['reps']} calls; random weights",
         f"- {result['settings']}",
         "- peak MiB: memory a call needs beyond the model weights and the input images",
-        "", "| model | views | batch | dtype | impl | images/s | peak MiB | note |", "|---|---:|---:|---|---|---:|---:|---|",
+        "", "| model | size | views | batch | dtype | impl | images/s | peak MiB | note |", "|---|---:|---:|---:|---|---|---:|---:|---|",
     ]
     for r in result["rows"]:
         speed = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.3g}"
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['model']} | {r['views']} | {r['batch']} | {r['dtype']} | {r['impl']} | {speed} | {peak} | {r['note']} |")
+        lines.append(f"| {r['model']} | {r['size']} | {r['views']} | {r['batch']} | {r['dtype']} | {r['impl']} | {speed} | {peak} | {r['note']} |")
+    lines += ["", "## Targets", ""] + [f"- {line}" for line in result["targets"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+")
     parser.add_argument("--size", type=int)
     parser.add_argument("--views", type=int, nargs="+")
@@ -235,8 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--reps", type=int)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--no-cuda-graph", action="store_true", help="fused rows without CUDA-graph capture")
-    parser.add_argument("--compile", action="store_true", help="fused rows with torch.compile")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="fused rows without CUDA-graph capture (and no floor_graph rows)")
+    parser.add_argument("--compile", action="store_true", help="fused and floor rows with torch.compile")
     parser.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
                         help="a process per row (auto: on CPU, for the peak-RSS measurement)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -248,48 +296,52 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    device = torch.device(args.device)
+    defaults = DEFAULTS[device.type]
     models, size = args.models or defaults["models"], args.size or defaults["size"]
     views, batches = args.views or defaults["views"], args.batch or defaults["batch"]
     dtypes, reps = args.dtypes or defaults["dtypes"], args.reps or defaults["reps"]
-    settings = ("the issue's full grid" if device.type == "cuda" else
-                f"REDUCED for a CPU: {size}x{size} images instead of 518x518, K in {views} instead of [10, 50], "
-                f"batch in {batches} instead of [1, 8]; 'fused' rows run the fused pipeline with the patch "
-                "embedding as its torch reference, because the Triton kernel runs on CPU only in its (slow) interpreter")
+    cuda_graph = not args.no_cuda_graph and device.type == "cuda"
+    impls = [i for i in args.impls if i != "floor_graph" or cuda_graph]  # the graph floor only beside graphed fused rows
+    settings = ("the issue's grid where not narrowed on the command line" if device.type == "cuda" else
+                f"REDUCED for a 2-core CPU: {size}x{size} images instead of 518x518, batch in {batches} instead of [1, 8]; "
+                "the Triton kernels do not run natively on a CPU, so 'fused' rows run the fused pipeline with the patch "
+                "embedding as its torch reference and the chunked aggregation; no CUDA graphs, so no floor_graph rows")
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cpu")
+    command = command_line(__file__, argv)
     specs = [
         dict(model=m, views=k, batch=b, dtype=d, impl=i, size=size, reps=reps, warmup=args.warmup, device=device.type,
-             cuda_graph=not args.no_cuda_graph, compile=args.compile)
-        for m in models for k in views for b in batches for d in dtypes for i in args.impls
+             cuda_graph=cuda_graph, compile=args.compile)
+        for m in models for k in views for b in batches for d in dtypes for i in impls
         if not (i == "authors" and d != "float32")  # the authors' loop is float32 only
     ]
+    name, slug = device_name(device)
+    results = Results(args.out_dir, "srt_e2e", slug, KEY)
     load_before = os.getloadavg()[0]
-    rows = []
+    report = dict(device=name, **versions(), threads=torch.get_num_threads(), command=command,
+                  warmup=args.warmup, reps=reps, settings=settings)
+    saved = None
     for spec in tqdm(specs, desc="srt_e2e rows"):
-        rows.append(run_isolated(spec) if isolate else run_row(spec))
-        tqdm.write(json.dumps(rows[-1]))
-    import timm
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-
-    result = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
-        torch=torch.__version__, triton=triton_version, timm=timm.__version__, threads=torch.get_num_threads(),
-        command="python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        size=size, warmup=args.warmup, reps=reps, settings=settings,
-        load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)], rows=rows,
-    )
-    name = f"srt_e2e-{device_slug(device)}"
-    write_atomic(args.out_dir / f"{name}.json", json.dumps(result, indent=1) + "\n")
-    write_atomic(args.out_dir / f"{name}.md", markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out_dir / name}.json and .md")
+        if isolate:
+            row = run_row_process(os.path.abspath(__file__), spec, timeout=None)
+        else:
+            try:
+                row = run_row(spec)
+            except Exception as error:  # recorded in the row (as a crashed process's would be); the grid goes on
+                row = {"error": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        if "error" in row:
+            row = {**{k: spec[k] for k in KEY}, "images_per_s": None, "peak_mib": None, "note": row["error"]}
+        row["command"] = command
+        results.add(row)
+        tqdm.write(json.dumps(row))
+        report.update(load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+                      targets=targets(results.rows, device.type == "cuda"))
+        saved = results.save(report, markdown)
+    if saved is None:
+        print("no rows to measure for these filters")
+        return 1
+    print(markdown(saved))
+    print(f"wrote {results.json_path} and .md")
     return 0
 
 

@@ -11,13 +11,23 @@ from conftest import rel_err, tiny_vit
 from timm.layers import PatchEmbed
 from torch import nn
 
+from fastsrt.ops import _triton
 from fastsrt.ops import patch_embed as pe
 from fastsrt.ops.shift import shift_images
 
+# where the kernel runs compiled: conftest.py sets TRITON_INTERPRET=1 only without a GPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # duplicates, a zero shift, shifts larger than a patch, negative ones
 SHIFTS = [(0, 0), (3, -5), (-17, 2), (3, -5), (0, 0), (9, 16)]
 MODELS = {14: "vit_small_patch14_dinov2", 16: "deit3_small_patch16_224"}
+
+
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    """float32 comparisons at 1e-5 need the model's own convolutions and matmuls in true float32:
+    on Ampere and later cuDNN convolutions default to TF32 (~1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def model_and_images(patch: int, batch: int = 2, grid=(3, 5), seed: int = 0):
@@ -85,16 +95,25 @@ def test_dispatcher_fused_equals_reference_without_bias_and_on_one_tiny_image():
 
 
 def test_fused_without_a_runnable_device_warns_once_and_uses_the_reference(monkeypatch):
-    monkeypatch.setattr(pe, "INTERPRET", False)
-    monkeypatch.setattr(pe, "_warned", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_triton, "_warned", set())
     torch.manual_seed(0)
     images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
-    with pytest.warns(UserWarning, match="needs a CUDA tensor"):
+    with pytest.warns(UserWarning, match="need CUDA tensors.*runs as its torch reference"):
         first = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
         second = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused")
     assert torch.equal(first, second)
+
+
+def test_kernel_launch_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    """Compiled Triton on CPU pointers would crash the process: a clear error instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="kernel cannot run on this cpu tensor.*TRITON_INTERPRET=1"):
+        pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -121,10 +140,10 @@ def test_bad_arguments_name_the_bad_value(change, message):
 
 
 def test_out_buffer_of_the_wrong_shape_is_refused():
-    images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
-    table = torch.zeros(2, 2, dtype=torch.int32)
+    images, weight = torch.randn(1, 3, 28, 28, device=DEVICE), torch.randn(8, 3, 14, 14, device=DEVICE)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="out must be a contiguous"):
-        pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32, out=torch.empty(1, 2, 2, 8))
+        pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32, out=torch.empty(1, 2, 2, 8, device=DEVICE))
 
 
 def test_plain_conv_weights_accepts_timm_patch_embed_and_names_what_is_not_plain():
@@ -144,7 +163,10 @@ import inspect, sys
 import fastsrt, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastsrt.ops.patch_embed import _shift_patch_embed_kernel as kernel
+import fastsrt.ops.patch_embed as pe
+from fastsrt.ops import _triton
+_triton.jit_kernels(vars(pe), pe._TRITON_FUNCTIONS)
+kernel = pe._shift_patch_embed_kernel
 names = list(inspect.signature(kernel.fn).parameters)
 for out, operand, tile in [("fp32", tl.float32, (64, 128, 32)), ("bf16", tl.bfloat16, (128, 128, 32))]:
     signature = {"images_ptr": "*fp32", "shifts_ptr": "*i32", "weight_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*" + out}

@@ -1,18 +1,22 @@
-"""warp_aggregate: the fused Triton kernels (TRITON_INTERPRET=1 on CPU tensors without a GPU) and
-the chunked torch path against the reference, on random tokens with NaN-poisoned outputs; the
-dispatcher and its fallbacks; SRT through the public API."""
+"""warp_aggregate: the fused Triton kernels (CUDA tensors on a GPU machine, TRITON_INTERPRET=1 on
+CPU tensors without one) and the chunked torch path against the reference, on random tokens with
+NaN-poisoned outputs; the dispatcher and its fallbacks; SRT through the public API."""
 import itertools
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+import weakref
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from conftest import rel_err, requires_cuda, tiny_vit
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsrt
+from fastsrt.ops import _triton
 from fastsrt.ops import warp_aggregate as wa
 from fastsrt.ops.warp_aggregate import (
     OUTPUTS,
@@ -25,6 +29,9 @@ from fastsrt.ops.warp_aggregate import (
 )
 
 PATCH = 3  # odd and not a power of two, like 14
+# where the fused kernels run compiled: conftest.py sets TRITON_INTERPRET=1 only without a GPU, so a
+# GPU machine runs them on CUDA tensors
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EVERY_MODE = list(itertools.product(REDUCES, UPSAMPLES, [False, True], OUTPUTS))
 
 
@@ -34,7 +41,15 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(wa, "_empty_output", lambda shape, tokens: torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device))
 
 
-def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device="cpu"):
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    """float32 comparisons at 1e-5 need the model's own convolutions and matmuls in true float32:
+    on Ampere and later cuDNN convolutions default to TF32 (~1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device=DEVICE):
     """Random tokens (K, B, C, h, w) and K shifts: one larger than a patch first, the identity
     twice (duplicates, as in the paper), one beyond two patches, then random ones in [-5, 5]."""
     generator = torch.Generator().manual_seed(seed)
@@ -85,11 +100,12 @@ def test_fused_matches_reference(reduce, upsample, ignore_padding, output, retur
     ("median", False, False, "token"),
 ])
 @pytest.mark.parametrize("views", [1, 2, 50])
-def test_fused_view_counts(views, reduce, return_std, ignore_padding, output):
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_fused_view_counts(upsample, views, reduce, return_std, ignore_padding, output):
     """K = 1, 2 (the lower middle of two) and 50 (the median's sorting path) on a small grid: the
     interpreter's tl.sort costs about 60 ms per sorted row."""
     tokens, shifts = make_case(views, batch=1, channels=1, h=2, w=3)
-    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, "bilinear", ignore_padding, output, return_std)
+    check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, return_std)
 
 
 def test_fused_median_of_128_views():
@@ -111,11 +127,65 @@ def test_fused_patch_14_nearest_paper_settings():
 
 
 @requires_cuda
+@pytest.mark.parametrize("return_std", [False, True])  # without std, the mean runs the grouped kernel
 @pytest.mark.parametrize("reduce,upsample,ignore_padding,output", EVERY_MODE)
-def test_fused_on_cuda(reduce, upsample, ignore_padding, output):
+def test_fused_on_cuda(reduce, upsample, ignore_padding, output, return_std):
     for views, dtype in [(9, torch.float32), (50, torch.float32), (50, torch.bfloat16)]:
         tokens, shifts = make_case(views, dtype=dtype, batch=2, channels=40, h=11, w=13, device="cuda")
-        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, True, patch=14)
+        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, return_std, patch=14)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_fused_peak_memory_on_cuda(reduce):
+    """The issue's bound: the fused path needs at most 1.2 x (token grids + output), K = 50,
+    C = 64, 224 x 224 (p = 14): nothing per view at pixel resolution."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    tokens, shifts = make_case(50, batch=1, channels=64, h=16, w=16, device="cuda")
+    warp_aggregate_fused(tokens, shifts, 14, reduce=reduce)  # compiles, and caches the shift tables
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result, _ = warp_aggregate_fused(tokens, shifts, 14, reduce=reduce)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= 1.2 * (tokens.nbytes + result.nbytes), (peak, tokens.nbytes, result.nbytes)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduce", REDUCES)  # the grouped-mean and the per-pixel kernel
+def test_fused_offsets_beyond_int32_on_cuda(reduce):
+    """2048 planes of 1036 x 1036 output pixels: 2.2e9 elements, past 2^31, so element offsets
+    must be 64-bit. Planes at both ends are compared with the reference on those planes alone."""
+    tokens = torch.randn(2, 1, 2048, 74, 74, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    shifts = [(0, 0), (3, -5)]
+    result, _ = warp_aggregate_fused(tokens, shifts, 14, reduce=reduce)
+    assert result.numel() > 2**31
+    for plane in (0, 1, 2047):
+        expected, _ = warp_aggregate_reference(tokens[:, :, plane : plane + 1], shifts, 14, reduce=reduce)
+        assert_matches(result[:, plane : plane + 1], expected, exact_elements=reduce == "median")
+    del result
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("reduce", REDUCES)  # the grouped-mean and the per-pixel kernel
+def test_launch_grids_stay_within_cuda_limits(monkeypatch, reduce):
+    """CUDA grids allow 2^31 - 1 programs on axis 0 but only 65535 on axes 1 and 2: 300,000
+    planes (B*C) must not land on those. The launch is recorded, not run."""
+    _triton.jit_kernels(vars(wa), wa._TRITON_FUNCTIONS)
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_grouped_mean_kernel", "_per_pixel_kernel"):
+        monkeypatch.setattr(wa, name, Recorder())
+    tokens = torch.randn(2, 1, 300_000, 1, 2, device=DEVICE)
+    warp_aggregate_fused(tokens, [(0, 0), (1, 0)], 2, reduce=reduce)
+    (grid,) = grids
+    assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:]), grid
 
 
 def test_kernels_compile_for_gpu():
@@ -126,12 +196,14 @@ def test_kernels_compile_for_gpu():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         import fastsrt.ops.warp_aggregate as wa
-        wa._load_triton()
+        from fastsrt.ops import _triton
+        _triton.jit_kernels(vars(wa), wa._TRITON_FUNCTIONS)
         ints = dict.fromkeys(["views", "planes", "h", "w", "patch", "view_stride"], "i32")
         flags = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True, ACC=wa.tl.float32)
         grouped = dict(tokens_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", dx_ptr="*i32", group_dy_ptr="*i32",
                        group_start_ptr="*i32", groups="i32", **ints)
-        per_pixel = dict(tokens_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", **ints)
+        per_pixel = dict(tokens_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", **ints,
+                         position_blocks="i32")
         cases = [(wa._grouped_mean_kernel, grouped, dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, **flags))]
         for k_pad in (16, 64):  # rank selection, sort
             cases.append((wa._per_pixel_kernel, per_pixel, dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=2048 // (4 * k_pad),
@@ -169,27 +241,102 @@ def test_chunked_other_dtypes_one_chunk(dtype, reduce, return_std):
     check_against_reference(warp_aggregate_chunked, tokens, shifts, reduce, "bilinear", True, "token", return_std)
 
 
+class AllocationPeak(TorchDispatchMode):
+    """The peak bytes of the tensor storages that ops under this mode allocate (each counted
+    until its storage is freed), leaving out the storages of ``existing`` tensors (views of the
+    inputs). Temporaries inside one op (e.g. a sort's buffers) are not seen."""
+
+    def __init__(self, *existing: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()  # one Python object per storage, finalised when it is freed
+                if storage.nbytes() and storage.data_ptr() not in self.counted:
+                    self.counted.add(storage.data_ptr())
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def _freed(self, pointer: int, size: int) -> None:
+        self.counted.discard(pointer)
+        self.live -= size
+
+
+@pytest.mark.parametrize("reduce,upsample,ignore_padding,output,return_std", [
+    ("mean", "nearest", False, "pixel", False),  # the grouped mean
+    ("median", "nearest", True, "token", True),  # the in-token offset classes
+    ("median", "bilinear", False, "pixel", True),  # rows of K warped values
+])
+def test_chunked_peak_memory_is_a_few_chunks(monkeypatch, reduce, upsample, ignore_padding, output, return_std):
+    """Beyond its outputs the chunked path holds a few chunks, never K x C x H x W: at K = 50 and
+    4096-element chunks at most 8 chunks (measured: 0.5 to 5), where the reference holds ~370 to
+    ~740 of them. A chunk is at least the K values of one token row of one plane."""
+    monkeypatch.setattr(wa, "CHUNK_ELEMENTS", 4096)
+    tokens, shifts = make_case(50, batch=1, channels=32, device="cpu")
+    views, _, channels, h, w = tokens.shape
+    chunk_bytes = 4 * max(wa.CHUNK_ELEMENTS, views * PATCH * w * PATCH)
+    args = (tokens, shifts, PATCH, upsample, reduce, ignore_padding, output, return_std)
+    peaks = {}
+    for name, implementation in [("chunked", warp_aggregate_chunked), ("reference", warp_aggregate_reference)]:
+        with AllocationPeak(tokens) as tracked:
+            result, std = implementation(*args)
+        outputs = result.nbytes + (std.nbytes if return_std else 0)
+        peaks[name] = (tracked.peak - outputs) / chunk_bytes
+    assert peaks["chunked"] <= 8 and peaks["reference"] >= 100, peaks
+
+
 # ---- dispatch, fallbacks, bad input -------------------------------------------------------
 
 
 def test_dispatch_reports_what_ran():
     tokens, shifts = make_case(9)
     expected, _ = warp_aggregate_reference(tokens, shifts, PATCH)
-    for impl, ran in [("auto", "chunked"), ("reference", "reference"), ("fused", "fused"), ("chunked", "chunked")]:
+    auto = "fused" if DEVICE == "cuda" else "chunked"
+    for impl, ran in [("auto", auto), ("reference", "reference"), ("fused", "fused"), ("chunked", "chunked")]:
         out = warp_aggregate(tokens, shifts, PATCH, impl=impl)
         assert out.impl == ran and out.std is None
         assert_matches(out.result, expected)
 
 
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_dispatch_checks_once_and_reuses_the_shift_tables(monkeypatch, reduce):
+    """One argument check per call; the kernels' int32 shift tables are made once per shifts and
+    device, not copied to the device on every call."""
+    checks = []
+    monkeypatch.setattr(wa, "check_warp_aggregate_args", lambda *args: checks.append(args))
+    tokens, shifts = make_case(3, batch=1, channels=1, h=2, w=3)
+    tables = wa._grouped_shift_tables if reduce == "mean" else wa._shift_tables
+    tables.cache_clear()
+    first = warp_aggregate(tokens, shifts, PATCH, reduce=reduce, impl="fused")
+    second = warp_aggregate(tokens, list(shifts), PATCH, reduce=reduce, impl="fused")
+    assert len(checks) == 2
+    assert (tables.cache_info().misses, tables.cache_info().hits) == (1, 1)
+    assert torch.equal(first.result, second.result)
+
+
 def test_fused_without_interpreter_on_cpu_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(wa, "_warned", set())
-    tokens, shifts = make_case(2)
-    with pytest.warns(RuntimeWarning, match="need a CUDA GPU"):
+    monkeypatch.setattr(_triton, "_warned", set())
+    tokens, shifts = make_case(2, device="cpu")
+    with pytest.warns(UserWarning, match="need CUDA tensors.*falls back to the chunked"):
         assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
+
+
+def test_fused_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
+    """Compiled Triton on CPU pointers would crash the process: a clear error instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tokens, shifts = make_case(2, device="cpu")
+    with pytest.raises(RuntimeError, match="fused Triton kernels cannot run on this cpu tensor.*TRITON_INTERPRET=1"):
+        warp_aggregate_fused(tokens, shifts, PATCH)
 
 
 def test_import_and_fallback_without_triton():
@@ -234,13 +381,13 @@ def test_bad_input_is_named(change, error, match):
     (dict(reduce="median", upsample="bilinear", ignore_padding=True), True),
 ])
 def test_srt_fused_equals_reference(settings, std):
-    model = tiny_vit(embed_dim=24)  # patch 14
-    images = torch.randn(1, 3, 28, 42, generator=torch.Generator().manual_seed(3))
+    model = tiny_vit(embed_dim=24).to(DEVICE)  # patch 14
+    images = torch.randn(1, 3, 28, 42, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     runs = {}
     for impl in ("reference", "fused", "auto"):
         srt = fastsrt.SRT(model, shifts=1, impl=impl, pretrained=False, **settings)
         runs[impl] = srt.run(images, std=std)
-        assert srt.aggregation_used == {"auto": "chunked"}.get(impl, impl)
+        assert srt.aggregation_used == {"auto": "fused" if DEVICE == "cuda" else "chunked"}.get(impl, impl)
     for impl in ("fused", "auto"):
         # fused views (the patch-embedding kernel) round differently from the model's conv, so
         # even a median is compared as a whole, not element by element

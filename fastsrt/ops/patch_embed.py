@@ -12,9 +12,6 @@ images nor the unfolded patches are ever stored. Output rows are view-major like
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,23 +19,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsrt.checks import check_choice, check_images
+from fastsrt.ops import _triton
+# re-exported only for srt.py, backbone_fused.py and test_backbone_fused.py until they import them from fastsrt.ops._triton
+from fastsrt.ops._triton import _warned, warn_once  # noqa: F401
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton (e.g. macOS, Windows): the reference path still works
-    triton = None
-
 IMPLS = ("auto", "reference", "fused")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton when the kernel is defined
-_warned: set[str] = set()
+FALLBACK = "the fused shift+patch-embedding runs as its torch reference"
 
 
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+def __getattr__(name: str):
+    """``triton``: the triton module or None (fastsrt.ops._triton.load()), resolved when asked for,
+    never at this module's import. Only for srt.py, which imports it from here as its "Triton
+    available" flag; to be removed when srt.py calls _triton.load() itself."""
+    if name == "triton":
+        return _triton.load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def plain_conv_weights(patch_embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
@@ -115,13 +111,14 @@ def shift_patch_embed(
 
     impl: "fused" runs the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
     elsewhere it falls back to the reference with one warning), "reference" the torch path,
-    "auto" the kernel on CUDA and the reference otherwise. out_dtype (default: the images' dtype)
+    "auto" the kernel on CUDA (the reference, with the same warning, where Triton is missing) and
+    the reference otherwise. out_dtype (default: the images' dtype)
     also sets the kernel's multiply precision: bfloat16/float16 operands with float32
     accumulation, or exact float32 (no TF32).
     """
     check_patch_embed_args(images, shifts, weight, bias, patch_size, padding, impl)
     if impl == "auto":
-        impl = "fused" if images.is_cuda and triton is not None else "reference"
+        impl = "fused" if images.is_cuda else "reference"
     if impl == "fused" and not fused_runnable(images):
         impl = "reference"
     if impl == "reference":
@@ -132,14 +129,7 @@ def shift_patch_embed(
 
 def fused_runnable(tensor: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on this tensor's device; warns once when it cannot."""
-    if triton is None:
-        warn_once("Triton is not installed: the fused shift+patch-embedding runs as its torch reference")
-        return False
-    if not (tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")):
-        warn_once(f"the Triton shift+patch-embedding kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on "
-                  f"CPU), got a {tensor.device.type} tensor: running its torch reference")
-        return False
-    return True
+    return _triton.runnable(tensor, FALLBACK)
 
 
 def shift_patch_embed_triton(
@@ -154,7 +144,8 @@ def shift_patch_embed_triton(
 ) -> torch.Tensor:
     """The kernel launch alone, for callers that validated the arguments (shift_patch_embed does):
     shift_table is a (K, 2) int32 tensor on the images' device, so that no host copy is needed
-    (CUDA-graph capture). out: an optional contiguous (K*B, h, w, D) buffer of out_dtype to write."""
+    (CUDA-graph capture). out: an optional contiguous (K*B, h, w, D) buffer of out_dtype to write.
+    Raises a RuntimeError where the kernel cannot run (see ``fused_runnable``)."""
     batch, channels, height, width = images.shape
     dim = weight.shape[0]
     h, w = height // patch_size, width // patch_size
@@ -166,20 +157,23 @@ def shift_patch_embed_triton(
         out = torch.empty(shape, device=images.device, dtype=out_dtype)
     elif tuple(out.shape) != shape or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {shape} {out_dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    triton = _triton.require(images, "the Triton shift+patch-embedding kernel")
+    _triton.jit_kernels(globals(), _TRITON_FUNCTIONS)
+    interpreted = _triton.interpreting()
     rows = out.shape[0] * h * w
     # the multiply's operand type: the output's, except float32 in the interpreter, whose low-precision
     # tl.dot is wrong and whose casts to bfloat16 truncate instead of rounding (REFERENCE.md traps)
-    operand = tl.float32 if INTERPRET else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[out_dtype]
+    operand = tl.float32 if interpreted else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[out_dtype]
     # fixed tiles (the interpreter cannot autotune): big ones there (~1 ms per program); on sm_90 these
     # compile without register spills (ptxas -v), tensor cores for 16-bit operands, FMA for float32
-    if INTERPRET:
+    if interpreted:
         block_m, block_n, block_k, warps = 64, 64, 64, 4
     elif operand == tl.float32:
         block_m, block_n, block_k, warps = 64, 128, 32, 8
     else:
         block_m, block_n, block_k, warps = 128, 128, 32, 8
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
-    with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))  # rows on axis 0 (up to 2^31 - 1 programs)
+    with _triton.on_device(images):
         _shift_patch_embed_kernel[grid](
             images, shift_table, weight_matrix, bias if bias is not None else weight_matrix, out,
             batch, height, width, w, h * w, rows, weight_matrix.shape[1], dim,
@@ -190,64 +184,66 @@ def shift_patch_embed_triton(
     return out
 
 
-if triton is not None:
+# The kernel is a plain function until _triton.jit_kernels wraps it on first use (tl is bound then).
+tl = None
+_TRITON_FUNCTIONS = ("_shift_patch_embed_kernel",)
 
-    @triton.jit
-    def _shift_patch_embed_kernel(
-        images_ptr, shifts_ptr, weight_ptr, bias_ptr, out_ptr,
-        batch, height, width, grid_w, tokens_per_view, rows, reduce_size, dim,
-        stride_ib, stride_ic, stride_iy, stride_ix, stride_wd, stride_wk,
-        PATCH: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr,
-        OPERAND: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # one tile: BLOCK_M output rows (view-major image, token) x BLOCK_N embedding channels
-        row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = row < rows
-        col_ok = col < dim
-        safe_row = tl.where(row_ok, row, 0)
-        image = safe_row // tokens_per_view  # k * B + b
-        token = safe_row % tokens_per_view
-        view = image // batch
-        dy = tl.load(shifts_ptr + 2 * view)
-        dx = tl.load(shifts_ptr + 2 * view + 1)
-        # source pixel of the patch's top-left corner: view(y, x) = image(y - dy, x - dx)
-        top = (token // grid_w) * PATCH - dy
-        left = (token % grid_w) * PATCH - dx
-        image_base = (image % batch).to(tl.int64) * stride_ib
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(0, reduce_size, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)  # reduction index (c, py, px), as the conv weight's flattening
-            k_ok = k < reduce_size
-            safe_k = tl.where(k_ok, k, 0)
-            channel = safe_k // (PATCH * PATCH)
-            within = safe_k % (PATCH * PATCH)
-            y = top[:, None] + (within // PATCH)[None, :]
-            x = left[:, None] + (within % PATCH)[None, :]
-            load_ok = row_ok[:, None] & k_ok[None, :]
-            if PADDING == 0:  # zeros: outside pixels read as 0 (addresses clamped inside anyway)
-                load_ok = load_ok & (y >= 0) & (y < height) & (x >= 0) & (x < width)
-            if PADDING == 2:  # reflect about the border pixel; one reflection suffices as |shift| < size
-                y = tl.where(y < 0, -y, tl.where(y >= height, 2 * (height - 1) - y, y))
-                x = tl.where(x < 0, -x, tl.where(x >= width, 2 * (width - 1) - x, x))
-            # replicate (and the clamp that keeps masked addresses in bounds)
-            y = tl.minimum(tl.maximum(y, 0), height - 1)
-            x = tl.minimum(tl.maximum(x, 0), width - 1)
-            pixels = tl.load(
-                images_ptr + image_base[:, None] + channel[None, :] * stride_ic + y * stride_iy + x * stride_ix,
-                mask=load_ok, other=0.0,
-            ).to(OPERAND)
-            weights = tl.load(
-                weight_ptr + col[None, :] * stride_wd + safe_k[:, None] * stride_wk,
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0,
-            ).to(OPERAND)
-            if OPERAND == tl.float32:  # exact float32 products, no TF32
-                acc += tl.dot(pixels, weights, input_precision="ieee")
-            else:
-                acc += tl.dot(pixels, weights)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out_offset = row.to(tl.int64)[:, None] * dim + col[None, :]
-        tl.store(out_ptr + out_offset, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+def _shift_patch_embed_kernel(
+    images_ptr, shifts_ptr, weight_ptr, bias_ptr, out_ptr,
+    batch, height, width, grid_w, tokens_per_view, rows, reduce_size, dim,
+    stride_ib, stride_ic, stride_iy, stride_ix, stride_wd, stride_wk,
+    PATCH: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OPERAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # one tile: BLOCK_M output rows (view-major image, token) x BLOCK_N embedding channels
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = row < rows
+    col_ok = col < dim
+    safe_row = tl.where(row_ok, row, 0)
+    image = safe_row // tokens_per_view  # k * B + b
+    token = safe_row % tokens_per_view
+    view = image // batch
+    dy = tl.load(shifts_ptr + 2 * view)
+    dx = tl.load(shifts_ptr + 2 * view + 1)
+    # source pixel of the patch's top-left corner: view(y, x) = image(y - dy, x - dx)
+    top = (token // grid_w) * PATCH - dy
+    left = (token % grid_w) * PATCH - dx
+    image_base = (image % batch).to(tl.int64) * stride_ib
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, reduce_size, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)  # reduction index (c, py, px), as the conv weight's flattening
+        k_ok = k < reduce_size
+        safe_k = tl.where(k_ok, k, 0)
+        channel = safe_k // (PATCH * PATCH)
+        within = safe_k % (PATCH * PATCH)
+        y = top[:, None] + (within // PATCH)[None, :]
+        x = left[:, None] + (within % PATCH)[None, :]
+        load_ok = row_ok[:, None] & k_ok[None, :]
+        if PADDING == 0:  # zeros: outside pixels read as 0 (addresses clamped inside anyway)
+            load_ok = load_ok & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        if PADDING == 2:  # reflect about the border pixel; one reflection suffices as |shift| < size
+            y = tl.where(y < 0, -y, tl.where(y >= height, 2 * (height - 1) - y, y))
+            x = tl.where(x < 0, -x, tl.where(x >= width, 2 * (width - 1) - x, x))
+        # replicate (and the clamp that keeps masked addresses in bounds)
+        y = tl.minimum(tl.maximum(y, 0), height - 1)
+        x = tl.minimum(tl.maximum(x, 0), width - 1)
+        pixels = tl.load(
+            images_ptr + image_base[:, None] + channel[None, :] * stride_ic + y * stride_iy + x * stride_ix,
+            mask=load_ok, other=0.0,
+        ).to(OPERAND)
+        weights = tl.load(
+            weight_ptr + col[None, :] * stride_wd + safe_k[:, None] * stride_wk,
+            mask=k_ok[:, None] & col_ok[None, :], other=0.0,
+        ).to(OPERAND)
+        if OPERAND == tl.float32:  # exact float32 products, no TF32
+            acc += tl.dot(pixels, weights, input_precision="ieee")
+        else:
+            acc += tl.dot(pixels, weights)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_offset = row.to(tl.int64)[:, None] * dim + col[None, :]
+    tl.store(out_ptr + out_offset, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -26,16 +26,15 @@ otherwise, and returns which one ran.
 """
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
-from functools import cache
+from functools import lru_cache, wraps
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from fastsrt.checks import check_choice
+from fastsrt.ops import _triton
 
 UPSAMPLES = ("nearest", "bilinear")
 REDUCES = ("mean", "median")
@@ -57,6 +56,18 @@ def check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, outp
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
 
 
+def _checks_arguments(implementation):
+    """The public form of an implementation: checks the arguments, then runs it. The dispatcher,
+    which checks them once itself, runs ``implementation`` (the wrapper's ``__wrapped__``)."""
+
+    @wraps(implementation)
+    def checked(tokens, shifts, patch_size, upsample="nearest", reduce="mean", ignore_padding=False, output="pixel", return_std=False):
+        check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
+        return implementation(tokens, shifts, patch_size, upsample, reduce, ignore_padding, output, return_std)
+
+    return checked
+
+
 def upsample_tokens(tokens: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:
     """(N, C, h, w) -> (N, C, p*h, p*w)."""
     if mode == "nearest":
@@ -64,16 +75,28 @@ def upsample_tokens(tokens: torch.Tensor, patch_size: int, mode: str) -> torch.T
     return F.interpolate(tokens, scale_factor=patch_size, mode="bilinear", align_corners=False)
 
 
+def frame_inside(size: int, shift: int, device) -> torch.Tensor:
+    """Positions i in [0, size) whose source i + shift lies in the frame [0, size)."""
+    source = torch.arange(size, device=device) + shift
+    return (source >= 0) & (source < size)
+
+
+def frame_mask(height: int, width: int, dy: int, dx: int, device) -> torch.Tensor:
+    """(height, width): the pixels whose source (y + dy, x + dx) lies in the frame."""
+    return frame_inside(height, dy, device)[:, None] & frame_inside(width, dx, device)[None, :]
+
+
 def inverse_shift(pixels: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W(y, x) = pixels(y + dy, x + dx): returns W (0 where empty) and the (H, W) inside mask."""
     height, width = pixels.shape[-2:]
-    rows = torch.arange(height, device=pixels.device) + dy
-    cols = torch.arange(width, device=pixels.device) + dx
-    inside = ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
-    warped = pixels[..., rows.clamp(0, height - 1)[:, None], cols.clamp(0, width - 1)[None, :]]
+    inside = frame_mask(height, width, dy, dx, pixels.device)
+    rows = (torch.arange(height, device=pixels.device) + dy).clamp(0, height - 1)
+    cols = (torch.arange(width, device=pixels.device) + dx).clamp(0, width - 1)
+    warped = pixels[..., rows[:, None], cols[None, :]]
     return torch.where(inside, warped, torch.zeros((), dtype=pixels.dtype, device=pixels.device)), inside
 
 
+@_checks_arguments
 def warp_aggregate_reference(
     tokens: torch.Tensor,
     shifts: Sequence[tuple[int, int]],
@@ -87,7 +110,6 @@ def warp_aggregate_reference(
     """tokens (K, B, C, h, w) of K views -> (aggregate, std or None), each (B, C, H, W) for
     output="pixel" or (B, C, h, w) for output="token". Computes in float32 at least (float64 stays
     float64) and returns the tokens' dtype."""
-    check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
     views, batch, channels, h, w = tokens.shape
     compute = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
     pixels = upsample_tokens(compute.flatten(0, 1), patch_size, upsample).unflatten(0, (views, batch))
@@ -155,12 +177,7 @@ def shift_columns(values: torch.Tensor, dx: int) -> torch.Tensor:
     return F.pad(values, (-dx, dx))  # a negative pad crops
 
 
-def frame_inside(size: int, shift: int, device) -> torch.Tensor:
-    """Positions i in [0, size) whose source i + shift lies in the frame."""
-    source = torch.arange(size, device=device) + shift
-    return (source >= 0) & (source < size)
-
-
+@_checks_arguments
 def warp_aggregate_chunked(
     tokens: torch.Tensor,
     shifts: Sequence[tuple[int, int]],
@@ -185,7 +202,6 @@ def warp_aggregate_chunked(
       token resolution and copied to its pixels: p^2 / (classes^2) times fewer reductions.
     - median/std, bilinear: the K warped values of a chunk of rows, reduced per pixel.
     Reductions: torch.median / nanmedian, the lower middle."""
-    check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
     views, batch, channels, h, w = tokens.shape
     height, width, p = patch_size * h, patch_size * w, patch_size
     shifts = [(int(dy), int(dx)) for dy, dx in shifts]
@@ -260,16 +276,13 @@ def _nearest_by_class(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int
     views, planes, h, w = chunk.shape
     margin = max(max(abs(dy), abs(dx)) for dy, dx in shifts) // p + 1
     padded = F.pad(chunk, (margin, margin, margin, margin))  # off-grid tokens are 0
-    rows_on_grid = torch.arange(h, device=chunk.device)
-    cols_on_grid = torch.arange(w, device=chunk.device)
     pieces = [chunk.new_empty((planes, p * h, p * w)) for _ in range(1 + return_std)]
     for rows, row_offsets in _offset_classes([dy for dy, _ in shifts], p):
         for cols, col_offsets in _offset_classes([dx for _, dx in shifts], p):
             values = torch.stack([padded[k, :, margin + oy : margin + oy + h, margin + ox : margin + ox + w]
                                   for k, (oy, ox) in enumerate(zip(row_offsets, col_offsets))])
-            inside = torch.stack([((rows_on_grid + oy >= 0) & (rows_on_grid + oy < h))[:, None]
-                                  & ((cols_on_grid + ox >= 0) & (cols_on_grid + ox < w))[None, :]
-                                  for oy, ox in zip(row_offsets, col_offsets)])[:, None]  # (K, 1, h, w)
+            # a token (i, j) reads token (i + oy, j + ox), out of frame exactly when that is off the grid
+            inside = torch.stack([frame_mask(h, w, oy, ox, chunk.device) for oy, ox in zip(row_offsets, col_offsets)])[:, None]  # (K, 1, h, w)
             for piece, reduced in zip(pieces, _reduce(values, inside, reduce, ignore_padding, return_std)):
                 # the pixels (i*p + a, j*p + b), a in rows, b in cols, of every token (i, j)
                 piece.view(planes, h, p, w, p).permute(0, 1, 3, 2, 4)[..., rows[:, None], cols[None, :]] = reduced[..., None, None]
@@ -301,8 +314,7 @@ def _bilinear_rows(chunk: torch.Tensor, shifts: list[tuple[int, int]], p: int, t
     values = chunk.new_zeros((views, chunk.shape[1], bottom - top, p * w))
     for k, (dy, dx) in enumerate(shifts):
         _write_view_rows(values[k], chunk[k], dy, dx, p, top)
-    inside = torch.stack([frame_inside(p * h, dy, chunk.device)[top:bottom, None] & frame_inside(p * w, dx, chunk.device)
-                          for dy, dx in shifts])[:, None]  # (K, 1, rows, W)
+    inside = torch.stack([frame_mask(p * h, p * w, dy, dx, chunk.device)[top:bottom] for dy, dx in shifts])[:, None]  # (K, 1, rows, W)
     return _reduce(values, inside, reduce, ignore_padding, return_std)
 
 
@@ -328,30 +340,13 @@ def _reduce(values: torch.Tensor, inside: torch.Tensor, reduce: str, ignore_padd
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused Triton path. The kernels below are plain functions until ``_load_triton`` JIT-compiles
-# them on first use: importing fastsrt never needs Triton, and TRITON_INTERPRET=1 (CPU tensors)
-# is honoured whenever it is set before the first fused call.
+# Fused Triton path. The kernels below are plain functions until ``_triton.jit_kernels`` wraps
+# them on first use (binding tl): importing fastsrt never needs Triton, and TRITON_INTERPRET=1
+# (CPU tensors) is honoured whenever it is set before a fused call.
 
-tl = None  # triton.language, bound by _load_triton
+tl = None  # triton.language, bound by _triton.jit_kernels
 _TRITON_FUNCTIONS = ("_axis_taps", "_sample_token_row", "_lower_middle", "_grouped_mean_kernel", "_per_pixel_kernel")
 _SELECT_MAX_VIEWS = 16  # up to this many (padded) views the median is a rank selection, above it a sort
-
-
-@cache
-def _load_triton():
-    """Imports Triton and JIT-wraps this file's kernels once; raises if Triton cannot be imported."""
-    global tl
-    import triton
-    import triton.language as language
-
-    tl = language
-    for name in _TRITON_FUNCTIONS:
-        globals()[name] = triton.jit(globals()[name])
-    return triton
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _axis_taps(pos, shift, patch, n_tokens, BILINEAR: tl.constexpr, ACC: tl.constexpr):
@@ -474,14 +469,16 @@ def _lower_middle(keyed, middle, K_PAD: tl.constexpr, SELECT_MAX: tl.constexpr):
 
 def _per_pixel_kernel(
     tokens_ptr, out_ptr, std_ptr, dy_ptr, dx_ptr,
-    views, planes, h, w, patch, view_stride,
+    views, planes, h, w, patch, view_stride, position_blocks,
     MEDIAN: tl.constexpr, RETURN_STD: tl.constexpr, IGNORE_PADDING: tl.constexpr,
     BILINEAR: tl.constexpr, TOKEN_OUTPUT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr, SELECT_MAX: tl.constexpr, ACC: tl.constexpr,
 ):
     """Median and/or std (and the mean with std): a [BLOCK_C planes, BLOCK_P outputs, K_PAD views]
     register tile of the sampled values per output pixel, reduced over the views. A token output
-    loops over its p x p pixels and averages their results (the fused average pool)."""
+    loops over its p x p pixels and averages their results (the fused average pool). A 1-D grid
+    (axes 1 and 2 stop at 65535 programs): program = plane block * position_blocks + position
+    block, so that neighbouring programs read the same planes."""
     if TOKEN_OUTPUT:
         out_w = w
         out_size = h * w
@@ -490,8 +487,9 @@ def _per_pixel_kernel(
         out_w = w * patch
         out_size = h * w * patch * patch
         sub_pixels = 1
-    out_pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
-    out_plane = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
+    program = tl.program_id(0)
+    out_pos = (program % position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
+    out_plane = (program // position_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
     out_ok = (out_pos < out_size) & (out_plane < planes)
     pos = out_pos[:, :, None]  # the tile axes: [planes, outputs, views]
     k = tl.arange(0, K_PAD)[None, None, :]
@@ -541,6 +539,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@_checks_arguments
 def warp_aggregate_fused(
     tokens: torch.Tensor,
     shifts: Sequence[tuple[int, int]],
@@ -553,12 +552,13 @@ def warp_aggregate_fused(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as ``warp_aggregate_reference``, in one Triton kernel launch that reads the
     token grids and writes only the outputs: the grouped mean, or (median, std) the per-pixel
-    register tile. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    check_warp_aggregate_args(tokens, shifts, patch_size, upsample, reduce, output)
-    triton = _load_triton()
+    register tile. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; a RuntimeError elsewhere
+    (``warp_aggregate`` falls back to the chunked path instead)."""
+    triton = _triton.require(tokens, "warp_aggregate's fused Triton kernels")
+    _triton.jit_kernels(globals(), _TRITON_FUNCTIONS)
     views, batch, channels, h, w = tokens.shape
     tokens = tokens.contiguous()
-    shifts = [(int(dy), int(dx)) for dy, dx in shifts]
+    shifts = tuple((int(dy), int(dx)) for dy, dx in shifts)
     result = _empty_output(_output_shape(tokens, patch_size, output), tokens)
     std = _empty_output(result.shape, tokens) if return_std else None
     if result.numel() == 0:
@@ -566,43 +566,60 @@ def warp_aggregate_fused(
     planes = batch * channels
     # elements per program's tile: the interpreter pays per program and per op, a GPU per register
     # (the per-pixel tile holds K values per output and spills above 2048 on sm_90)
-    interpreted = _interpreting()
+    interpreted = _triton.interpreting()
     flags = dict(IGNORE_PADDING=ignore_padding, BILINEAR=upsample == "bilinear", TOKEN_OUTPUT=output == "token",
                  ACC=tl.float64 if tokens.dtype == torch.float64 else tl.float32)
-
-    def as_int32(values):
-        return torch.tensor(values, dtype=torch.int32, device=tokens.device)
-
-    if reduce == "mean" and not return_std:
-        order = sorted(range(views), key=lambda k: shifts[k][0])  # views grouped by dy
-        group_dy, group_start = [], []
-        for i, k in enumerate(order):
-            if not group_dy or shifts[k][0] != group_dy[-1]:
-                group_dy.append(shifts[k][0])
-                group_start.append(i)
-        tile = 1 << 15 if interpreted else 4096
-        p_pad = _next_power_of_2(patch_size)
-        tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
-        block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
-        _grouped_mean_kernel[(triton.cdiv(planes, block_c), h, triton.cdiv(w, tokens_w))](
-            tokens, result, as_int32(order), as_int32([shifts[k][1] for k in order]),
-            as_int32(group_dy), as_int32(group_start + [views]),
-            len(group_dy), views, planes, h, w, patch_size, planes * h * w,
-            BLOCK_C=block_c, P_PAD=p_pad, TOKENS_W=tokens_w, **flags,
-        )
-    else:
-        tile = 1 << 15 if interpreted else 2048
-        k_pad = _next_power_of_2(views)
-        block_c = min(_next_power_of_2(planes), 4)
-        block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(result[0, 0].numel())))
-        _per_pixel_kernel[(triton.cdiv(result[0, 0].numel(), block_p), triton.cdiv(planes, block_c))](
-            tokens, result, result if std is None else std,
-            as_int32([dy for dy, _ in shifts]), as_int32([dx for _, dx in shifts]),
-            views, planes, h, w, patch_size, planes * h * w,
-            MEDIAN=reduce == "median", RETURN_STD=return_std,
-            BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad, SELECT_MAX=_SELECT_MAX_VIEWS, **flags,
-        )
+    with _triton.on_device(tokens):
+        if reduce == "mean" and not return_std:
+            order, dx, group_dy, group_start = _grouped_shift_tables(shifts, tokens.device)
+            tile = 1 << 15 if interpreted else 4096
+            p_pad = _next_power_of_2(patch_size)
+            tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
+            block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
+            # planes on axis 0 (up to 2^31 - 1 programs); token rows and columns stay far below 65535
+            _grouped_mean_kernel[(triton.cdiv(planes, block_c), h, triton.cdiv(w, tokens_w))](
+                tokens, result, order, dx, group_dy, group_start,
+                group_dy.numel(), views, planes, h, w, patch_size, planes * h * w,
+                BLOCK_C=block_c, P_PAD=p_pad, TOKENS_W=tokens_w, **flags,
+            )
+        else:
+            dy, dx = _shift_tables(shifts, tokens.device)
+            tile = 1 << 15 if interpreted else 2048
+            k_pad = _next_power_of_2(views)
+            positions = result[0, 0].numel()
+            block_c = min(_next_power_of_2(planes), 4)
+            block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(positions)))
+            position_blocks = triton.cdiv(positions, block_p)
+            _per_pixel_kernel[(triton.cdiv(planes, block_c) * position_blocks,)](
+                tokens, result, result if std is None else std, dy, dx,
+                views, planes, h, w, patch_size, planes * h * w, position_blocks,
+                MEDIAN=reduce == "median", RETURN_STD=return_std,
+                BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad, SELECT_MAX=_SELECT_MAX_VIEWS, **flags,
+            )
     return result, std
+
+
+@lru_cache(maxsize=64)
+def _shift_tables(shifts: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, dx) int32 on ``device``, made once per shifts and device (no host copy per call).
+    The kernels only read them."""
+    return (torch.tensor([dy for dy, _ in shifts], dtype=torch.int32, device=device),
+            torch.tensor([dx for _, dx in shifts], dtype=torch.int32, device=device))
+
+
+@lru_cache(maxsize=64)
+def _grouped_shift_tables(shifts: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The grouped mean's int32 tables on ``device``, made once per shifts and device: the views
+    sorted by dy (order), their dx in that order, each group's dy and its first index in order
+    (with the view count appended)."""
+    order = sorted(range(len(shifts)), key=lambda k: shifts[k][0])
+    group_dy, group_start = [], []
+    for i, k in enumerate(order):
+        if not group_dy or shifts[k][0] != group_dy[-1]:
+            group_dy.append(shifts[k][0])
+            group_start.append(i)
+    tables = (order, [shifts[k][1] for k in order], group_dy, group_start + [len(shifts)])
+    return tuple(torch.tensor(values, dtype=torch.int32, device=device) for values in tables)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,8 +632,9 @@ class WarpAggregateOutput(NamedTuple):
     impl: str  # the implementation that ran: "reference", "fused" or "chunked"
 
 
-_IMPLEMENTATIONS = {"reference": warp_aggregate_reference, "fused": warp_aggregate_fused, "chunked": warp_aggregate_chunked}
-_warned: set[str] = set()
+# the unchecked implementations: warp_aggregate checks the arguments once itself
+_IMPLEMENTATIONS = {name: function.__wrapped__ for name, function in
+                    [("reference", warp_aggregate_reference), ("fused", warp_aggregate_fused), ("chunked", warp_aggregate_chunked)]}
 
 
 def warp_aggregate(
@@ -647,23 +665,8 @@ def choose_impl(impl: str, device: torch.device) -> str:
         return impl
     if impl == "auto" and device.type != "cuda":
         return "chunked"
-    reason = _fused_unavailable(device)
+    reason = _triton.unavailable(device)
     if reason is None:
         return "fused"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"{reason}; warp_aggregate falls back to the chunked torch path", RuntimeWarning, stacklevel=3)
+    _triton.warn_once(f"{reason}: warp_aggregate falls back to the chunked torch path", stacklevel=4)
     return "chunked"
-
-
-def _fused_unavailable(device: torch.device) -> str | None:
-    """Why the fused kernels cannot run on ``device`` tensors, or None."""
-    if device.type not in ("cuda", "cpu"):
-        return f"the fused Triton kernels do not run on {device.type} tensors"
-    if device.type == "cpu" and not _interpreting():
-        return "the fused Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
-    try:
-        _load_triton()
-    except Exception as error:  # not installed, or broken: the same for the user
-        return f"Triton is not usable ({type(error).__name__}: {error})"
-    return None
