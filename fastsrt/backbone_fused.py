@@ -19,12 +19,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fastsrt.backbone import Backbone, BackboneOutput, Layers
 from fastsrt.checks import check_choice
+from fastsrt.ops._triton import warn_once
 from fastsrt.ops.patch_embed import (
     fused_runnable,
     plain_conv_weights,
     shift_patch_embed_reference,
     shift_patch_embed_triton,
-    warn_once,
 )
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
 

@@ -12,11 +12,24 @@ import torch
 from torch import nn
 
 from fastsrt.backbone import Layers, as_backbone
-from fastsrt.backbone_fused import DTYPES, FusedViews, auto_view_batch, fused_views_unsupported, precision
+from fastsrt.backbone_fused import (
+    DTYPES,
+    FusedViews,
+    auto_view_batch,
+    fused_views_unsupported,
+    precision,
+)
 from fastsrt.checks import check_choice
-from fastsrt.ops.patch_embed import triton, warn_once
+from fastsrt.ops import _triton
+from fastsrt.ops._triton import warn_once
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
-from fastsrt.ops.warp_aggregate import IMPLS, OUTPUTS, REDUCES, UPSAMPLES, warp_aggregate
+from fastsrt.ops.warp_aggregate import (
+    IMPLS,
+    OUTPUTS,
+    REDUCES,
+    UPSAMPLES,
+    warp_aggregate,
+)
 from fastsrt.views import as_shifts
 
 
@@ -183,7 +196,7 @@ class SRT(nn.Module):
         return tokens, prefixes
 
     def _use_fused_views(self, images: torch.Tensor) -> bool:
-        if self.impl in ("reference", "chunked") or (self.impl == "auto" and not (images.is_cuda and triton is not None)):
+        if self.impl in ("reference", "chunked") or (self.impl == "auto" and not (images.is_cuda and _triton.load() is not None)):
             return False
         if self.fused_views is None:
             unsupported = fused_views_unsupported(self.backbone)

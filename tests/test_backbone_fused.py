@@ -9,8 +9,13 @@ from torch import nn
 
 import fastsrt
 from fastsrt.backbone import Backbone, CallableBackbone
-from fastsrt.backbone_fused import DEFAULT_VIEW_BATCH, FusedViews, auto_view_batch, fused_views_unsupported
-from fastsrt.ops import patch_embed as pe
+from fastsrt.backbone_fused import (
+    DEFAULT_VIEW_BATCH,
+    FusedViews,
+    auto_view_batch,
+    fused_views_unsupported,
+)
+from fastsrt.ops import _triton
 from fastsrt.ops.shift import shift_images
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +70,7 @@ def test_fused_views_equal_backbone_on_shifted_images(key, padding):
 
 
 def test_non_plain_patch_embedding_falls_back_to_the_model_with_one_notice(monkeypatch):
-    monkeypatch.setattr(pe, "_warned", set())
+    monkeypatch.setattr(_triton, "_warned", set())
     backbone, images = backbone_and_images("dinov2")
     backbone.model.patch_embed.norm = nn.LayerNorm(backbone.embed_dim)
     with pytest.warns(UserWarning, match="LayerNorm after the projection"):
@@ -116,7 +121,7 @@ def test_srt_bfloat16_fused_close_to_bfloat16_reference_and_float32():
 
 
 def test_srt_fused_on_a_callable_backbone_warns_once_and_runs_the_reference(monkeypatch):
-    monkeypatch.setattr(pe, "_warned", set())
+    monkeypatch.setattr(_triton, "_warned", set())
     srt = fastsrt.SRT(lambda x: x[:, :, ::14, ::14] * 2, patch_size=14, shifts=1, impl="fused")
     images = torch.randn(1, 3, 28, 28)
     with pytest.warns(UserWarning, match="CallableBackbone is not a timm ViT"):
@@ -125,7 +130,7 @@ def test_srt_fused_on_a_callable_backbone_warns_once_and_runs_the_reference(monk
 
 
 def test_srt_fused_in_float64_runs_the_torch_embedding_and_says_so(monkeypatch):
-    monkeypatch.setattr(pe, "_warned", set())
+    monkeypatch.setattr(_triton, "_warned", set())
     model = tiny_vit("vit_small_patch14_dinov2").to(DEVICE).double()
     images = torch.randn(1, 3, 28, 42, device=DEVICE, dtype=torch.float64)
     srt = fastsrt.SRT(model, shifts=1, impl="fused")

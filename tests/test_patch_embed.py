@@ -22,14 +22,6 @@ SHIFTS = [(0, 0), (3, -5), (-17, 2), (3, -5), (0, 0), (9, 16)]
 MODELS = {14: "vit_small_patch14_dinov2", 16: "deit3_small_patch16_224"}
 
 
-@pytest.fixture(autouse=True)
-def exact_float32(monkeypatch):
-    """float32 comparisons at 1e-5 need the model's own convolutions and matmuls in true float32:
-    on Ampere and later cuDNN convolutions default to TF32 (~1e-3)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
 def model_and_images(patch: int, batch: int = 2, grid=(3, 5), seed: int = 0):
     model = tiny_vit(MODELS[patch], embed_dim=40, seed=seed).to(DEVICE)  # D = 40: not a multiple of the tile
     images = torch.randn(batch, 3, grid[0] * patch, grid[1] * patch, device=DEVICE)

@@ -41,14 +41,6 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(wa, "_empty_output", lambda shape, tokens: torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device))
 
 
-@pytest.fixture(autouse=True)
-def exact_float32(monkeypatch):
-    """float32 comparisons at 1e-5 need the model's own convolutions and matmuls in true float32:
-    on Ampere and later cuDNN convolutions default to TF32 (~1e-3)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
 def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device=DEVICE):
     """Random tokens (K, B, C, h, w) and K shifts: one larger than a patch first, the identity
     twice (duplicates, as in the paper), one beyond two patches, then random ones in [-5, 5]."""

@@ -20,21 +20,11 @@ from torch import nn
 
 from fastsrt.checks import check_choice, check_images
 from fastsrt.ops import _triton
-# re-exported only for srt.py, backbone_fused.py and test_backbone_fused.py until they import them from fastsrt.ops._triton
-from fastsrt.ops._triton import _warned, warn_once  # noqa: F401
+
 from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
 
 IMPLS = ("auto", "reference", "fused")
 FALLBACK = "the fused shift+patch-embedding runs as its torch reference"
-
-
-def __getattr__(name: str):
-    """``triton``: the triton module or None (fastsrt.ops._triton.load()), resolved when asked for,
-    never at this module's import. Only for srt.py, which imports it from here as its "Triton
-    available" flag; to be removed when srt.py calls _triton.load() itself."""
-    if name == "triton":
-        return _triton.load()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def plain_conv_weights(patch_embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
