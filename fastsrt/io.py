@@ -5,8 +5,8 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -105,16 +105,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def save_png(path: str | os.PathLike, image: Image.Image) -> None:
-    """Saves a PIL image atomically (see save_tensors)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    """Saves a PIL image atomically (see atomic_path)."""
+    with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
