@@ -6,6 +6,11 @@ from collections.abc import Iterable
 import torch
 
 
+class Unavailable(RuntimeError):
+    """An implementation or backend that was asked for by name cannot run on this machine (no
+    compiler, GPU, Triton, TensorRT...); the message says why."""
+
+
 def check_choice(name: str, value, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:

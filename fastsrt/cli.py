@@ -14,6 +14,8 @@ import time
 import warnings
 from pathlib import Path
 
+from fastsrt.checks import Unavailable
+
 DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 
@@ -181,10 +183,6 @@ def run_train_denoiser(args) -> int:
     return 0
 
 
-class BackendError(Exception):
-    """A deployment backend that could not build or run: reported in one line, exit code 1."""
-
-
 def run_export(args) -> int:
     import torch
 
@@ -211,7 +209,8 @@ def run_export(args) -> int:
         actual = compiled(inputs)
     except RuntimeError as error:  # a backend that fails to build or run (TensorRT, onnxruntime, torch.compile)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise BackendError(f"the {args.backend} backend failed ({args.precision} on {device}): {first_line}") from error
+        raise Unavailable(f"the {args.backend} backend failed ({args.precision} on {device}): {first_line} "
+                          "(rerun with another --backend or --precision)") from error
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -312,8 +311,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as error:
         print(f"fastsrt: error: {error}", file=sys.stderr)
         return 2
-    except BackendError as error:
-        print(f"fastsrt: error: {error} (rerun with another --backend or --precision)", file=sys.stderr)
+    except Unavailable as error:  # what was asked for cannot run here
+        print(f"fastsrt: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fastsrt: interrupted; finished outputs are kept", file=sys.stderr)

@@ -5,7 +5,7 @@ from PIL import Image
 
 import fastsrt
 from fastsrt.cli import main
-from fastsrt.dvt import iter_pairs, load_pair
+from fastsrt.dvt import encoding, iter_pairs, load_pair
 from fastsrt.dvt import runner as runner_module
 from fastsrt.dvt.decomposition import DecomposeConfig
 from fastsrt.dvt.encoding import GridEncodingConfig
@@ -169,6 +169,16 @@ def test_cli_fit_resumes_and_reports(folder, tmp_path, capsys):
     assert "0 written, 4 already done (skipped), 1 failed" in capsys.readouterr().out
     assert main(args[:-2] + ["--iterations", "1"]) == 2  # a bad setting: a clear error, no traceback
     assert "iterations must be" in capsys.readouterr().err
+
+
+def test_cli_fit_with_an_unavailable_extension_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(encoding, "load_extension", lambda: None)  # as without a compiler
+    args = ["fit", str(folder), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
+            "--pretrained", "no", "--size", "28", "--views", "2", "--iterations", "2", "--device", "cpu",
+            "--impl", "extension"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "fastsrt: error: impl='extension' is unavailable here" in err and "Traceback" not in err
 
 
 def test_pairs_of_a_timm_module_train_a_denoiser_that_module_accepts(folder, tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastsrt.checks import check_choice
+from fastsrt.checks import Unavailable, check_choice
 from fastsrt.dvt.extension import load_extension
 
 IMPLS = ("auto", "reference", "extension")
@@ -162,7 +162,7 @@ def extension_for(device: torch.device, dtype: torch.dtype, impl: str = "auto"):
             extension, reason = None, "it was built without CUDA kernels (no nvcc or GPU at build time)"
             _warn_once(f"grid encoding on {device} uses the torch encoding: {reason}")
     if extension is None and impl == "extension":
-        raise RuntimeError(f"impl='extension' is unavailable here: {reason}")
+        raise Unavailable(f"impl='extension' is unavailable here: {reason}")
     return extension
 
 

@@ -5,7 +5,7 @@ Kernels are written as plain functions in their modules and JIT-wrapped on first
 interpreted code when a function is wrapped, the mode is the one TRITON_INTERPRET names at the
 first fused call (and is re-picked if it changes later), not at import. Where the kernels cannot
 run (no Triton, CPU tensors outside the interpreter, another device) the ops fall back to torch
-with one warning (``warn_once``), or raise a RuntimeError when a kernel launch is asked for
+with one warning (``warn_once``), or raise ``Unavailable`` when a kernel launch is asked for
 directly (``require``).
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import warnings
 from functools import cache
 
 import torch
+
+from fastsrt.checks import Unavailable
 
 _warned: set[str] = set()
 
@@ -74,7 +76,7 @@ def require(tensor: torch.Tensor, what: str):
     """The triton module, or a RuntimeError saying why ``what`` cannot run on ``tensor``."""
     reason = unavailable(tensor.device)
     if reason is not None:
-        raise RuntimeError(f"{what} cannot run on this {tensor.device.type} tensor: {reason}")
+        raise Unavailable(f"{what} cannot run on this {tensor.device.type} tensor: {reason}")
     return load()
 
 
