@@ -17,13 +17,11 @@ environment), so the shards cover every image exactly once.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from fastsrt.backbone import model_name
@@ -40,6 +38,7 @@ from fastsrt.io import (
     check_unique_stems,
     list_images,
     load_image,
+    load_metadata,
     load_tensors,
     save_tensors,
 )
@@ -122,20 +121,10 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
 
 def load_fit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the metadata (JSON values decoded) of one runner output file."""
-    path = Path(path)
     try:
-        tensors = load_tensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            raw_metadata = handle.metadata() or {}
+        return load_tensors(path), load_metadata(path)
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"cannot read DVT stage-1 file {str(path)!r}: {error}") from None
-    metadata = {}
-    for key, value in raw_metadata.items():
-        try:
-            metadata[key] = json.loads(value)
-        except json.JSONDecodeError:
-            metadata[key] = value
-    return tensors, metadata
 
 
 def load_pair(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
