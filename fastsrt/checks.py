@@ -6,9 +6,7 @@ from collections.abc import Iterable
 import torch
 
 
-class Unavailable(RuntimeError):
-    """An implementation or backend that was asked for by name cannot run on this machine (no
-    compiler, GPU, Triton, TensorRT...); the message says why."""
+from fastsrt.errors import Unavailable  # noqa: F401  (old import path, kept until every module imports fastsrt.errors)
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:

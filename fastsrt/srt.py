@@ -38,11 +38,23 @@ class SRTOutput:
     """features: (B, C, H, W) for output="pixel", (B, C, H/p, W/p) for "token"; a list of those,
     one per layer, when several layers were asked for. std: the same shapes, the per-pixel
     standard deviation across views (the paper's noise map), when asked for. prefix: (B, P, C),
-    the prefix tokens (CLS, registers) averaged over views, when asked for (a list per layer too)."""
+    the prefix tokens (CLS, registers) averaged over views, when asked for (a list per layer too).
+    views_impl, aggregation_impl: what ran for the views ("fused" or "reference") and for the
+    aggregation ("fused", "chunked" or "reference"); ``impl`` says both in one string."""
 
     features: torch.Tensor | list[torch.Tensor]
     std: torch.Tensor | list[torch.Tensor] | None = None
     prefix: torch.Tensor | list[torch.Tensor] | None = None
+    views_impl: str = ""
+    aggregation_impl: str = ""
+
+    @property
+    def impl(self) -> str:
+        """One name where views and aggregation agree ("fused"), else both ("reference views +
+        chunked aggregation")."""
+        if self.views_impl == self.aggregation_impl:
+            return self.views_impl
+        return f"{self.views_impl} views + {self.aggregation_impl} aggregation"
 
 
 class SRT(nn.Module):
@@ -160,6 +172,8 @@ class SRT(nn.Module):
             features=pick(features),
             std=pick(stds) if std else None,
             prefix=pick([p.mean(0) for p in prefixes]) if prefix else None,
+            views_impl=self.views_used,
+            aggregation_impl=self.aggregation_used,
         )
 
     def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

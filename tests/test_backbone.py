@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vit
+from utils import tiny_vit
 
 from fastsrt.backbone import Backbone, CallableBackbone, as_backbone, load_timm_model
 

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err, requires_cuda, tiny_vit
+from utils import rel_err, requires_cuda, tiny_vit
 from torch import nn
 
 import fastsrt

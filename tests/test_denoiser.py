@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from utils import rel_err
 
 from fastsrt.dvt import Denoiser
 

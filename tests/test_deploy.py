@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import rel_err, requires_cuda, tiny_vit
+from utils import rel_err, requires_cuda, tiny_vit
 
 import fastsrt
 from fastsrt import deploy

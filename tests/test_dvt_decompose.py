@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, requires_cuda, tiny_vit
+from utils import rel_err, requires_cuda, tiny_vit
 
 import fastsrt
 import fastsrt.dvt

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err, requires_cuda
+from utils import rel_err, requires_cuda
 
 import fastsrt.dvt.encoding as encoding_module
 from fastsrt.dvt import extension as extension_module

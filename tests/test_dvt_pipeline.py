@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, tiny_vit
+from utils import rel_err, tiny_vit
 
 import fastsrt
 from fastsrt.dvt import Denoiser

@@ -182,7 +182,7 @@ def test_cli_fit_with_an_unavailable_extension_is_one_line(folder, tmp_path, cap
 
 
 def test_pairs_of_a_timm_module_train_a_denoiser_that_module_accepts(folder, tmp_path):
-    from conftest import tiny_vit
+    from utils import tiny_vit
 
     from fastsrt.dvt import PairFolder, TrainConfig, train_denoiser
 

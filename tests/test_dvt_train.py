@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, tiny_vit
+from utils import rel_err, tiny_vit
 from PIL import Image
 
 import fastsrt

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err, tiny_vit
+from utils import rel_err, tiny_vit
 from timm.layers import PatchEmbed
 from torch import nn
 

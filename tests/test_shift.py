@@ -1,17 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastsrt.ops.shift import shift_images
-
-
-def shifted_by_padding(image, dy, dx, mode):
-    """Independent view: pad by the shift with F.pad's own modes, then crop back to the image."""
-    height, width = image.shape[-2:]
-    pads = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
-    padded = F.pad(image, pads, mode="constant" if mode == "zeros" else mode)
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[..., top : top + height, left : left + width]
+from utils import shifted_by_padding
 
 
 @pytest.mark.parametrize("padding", ["zeros", "replicate", "reflect"])

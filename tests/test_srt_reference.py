@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, tiny_vit
-from test_shift import shifted_by_padding
+from utils import rel_err, shifted_by_padding, tiny_vit
 
 import fastsrt
 from fastsrt import SRT

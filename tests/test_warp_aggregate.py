@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from conftest import rel_err, requires_cuda, tiny_vit
+from utils import rel_err, requires_cuda, tiny_vit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsrt

@@ -1,32 +1,25 @@
-"""Triton plumbing shared by the fused ops (fastsrt.ops.patch_embed, fastsrt.ops.warp_aggregate).
+"""Triton plumbing shared by the fused ops.
 
-Kernels are written as plain functions in their modules and JIT-wrapped on first use
-(``jit_kernels``): importing fastsrt never imports Triton, and since Triton picks compiled or
-interpreted code when a function is wrapped, the mode is the one TRITON_INTERPRET names at the
-first fused call (and is re-picked if it changes later), not at import. Where the kernels cannot
-run (no Triton, CPU tensors outside the interpreter, another device) the ops fall back to torch
-with one warning (``warn_once``), or raise ``Unavailable`` when a kernel launch is asked for
-directly (``require``).
+Each op keeps its kernels in a plain ``@triton.jit`` module (``fastsrt/ops/<op>/kernels.py``)
+that only ``kernels(name)`` imports, when a fused path first runs: importing fastsrt never
+imports Triton. ``triton.jit`` picks compiled or interpreted code when it decorates a function,
+so the kernels run in the mode TRITON_INTERPRET names at the first fused call, and ``kernels``
+re-imports the module if the mode changes later.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-import warnings
+import sys
 from functools import cache
+from types import ModuleType
 
 import torch
 
-from fastsrt.checks import Unavailable
-
-_warned: set[str] = set()
-
-
-def warn_once(message: str, stacklevel: int = 3) -> None:
-    """A UserWarning the first time ``message`` comes up in this process, nothing after."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=stacklevel)
+# The three functions below are the old plain-function kernel plumbing, kept only until the ops
+# move to kernel modules: jit_kernels, runnable, require.  (removed when they do)
+from fastsrt.errors import Unavailable, warn_once
 
 
 @cache
@@ -50,22 +43,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
-def unavailable(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on tensors of ``device``, or None when they can."""
+def not_supported_reasons(device: torch.device) -> list[str]:
+    """Why Triton kernels cannot run on tensors of ``device`` (empty when they can)."""
     device = torch.device(device)
     if device.type not in ("cuda", "cpu"):
-        return f"the Triton kernels do not run on {device.type} tensors"
+        return [f"the Triton kernels do not run on {device.type} tensors"]
     if device.type == "cpu" and not interpreting():
-        return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        return ["the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"]
     triton, error = _import()
     if triton is None:
-        return f"Triton is not usable ({error})"
-    return None
+        return [f"Triton is not usable ({error})"]
+    return []
+
+
+def kernels(module_name: str) -> ModuleType:
+    """The plain ``@triton.jit`` module ``module_name``, imported on first use and re-imported
+    when TRITON_INTERPRET has changed since (its kernels were decorated for the other mode)."""
+    mode = interpreting()
+    module = sys.modules.get(module_name)
+    if module is None:
+        module = importlib.import_module(module_name)
+    elif module.__dict__.get("_fastsrt_interpreted") is not mode:
+        module = importlib.reload(module)
+    module._fastsrt_interpreted = mode
+    return module
+
+
+def on_device(tensor: torch.Tensor):
+    """The context a kernel launch for ``tensor`` runs in: its GPU as the current one (Triton
+    launches on the current device), nothing for CPU tensors."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def unavailable(device: torch.device) -> str | None:
+    reasons = not_supported_reasons(device)
+    return reasons[0] if reasons else None
 
 
 def runnable(tensor: torch.Tensor, fallback: str) -> bool:
-    """Whether the Triton kernels can run on ``tensor``'s device; when not, warns once with the
-    reason and ``fallback`` (what runs instead)."""
     reason = unavailable(tensor.device)
     if reason is not None:
         warn_once(f"{reason}: {fallback}", stacklevel=4)
@@ -73,7 +88,6 @@ def runnable(tensor: torch.Tensor, fallback: str) -> bool:
 
 
 def require(tensor: torch.Tensor, what: str):
-    """The triton module, or a RuntimeError saying why ``what`` cannot run on ``tensor``."""
     reason = unavailable(tensor.device)
     if reason is not None:
         raise Unavailable(f"{what} cannot run on this {tensor.device.type} tensor: {reason}")
@@ -81,9 +95,6 @@ def require(tensor: torch.Tensor, what: str):
 
 
 def jit_kernels(namespace: dict, names: tuple[str, ...]) -> None:
-    """JIT-wraps the plain-function kernels ``names`` of a module (its ``globals()``) for the
-    current mode and binds ``tl`` there; a no-op while the mode stays the one they were wrapped
-    for. Kernels call each other through the module's globals, so all of a module's are wrapped."""
     triton = load()
     mode = interpreting()
     if namespace.get("_triton_interpreted") is mode:
@@ -91,11 +102,5 @@ def jit_kernels(namespace: dict, names: tuple[str, ...]) -> None:
     namespace["tl"] = triton.language
     for name in names:
         function = namespace[name]
-        namespace[name] = triton.jit(getattr(function, "fn", function))  # .fn: the plain function of a wrapped one
+        namespace[name] = triton.jit(getattr(function, "fn", function))
     namespace["_triton_interpreted"] = mode
-
-
-def on_device(tensor: torch.Tensor):
-    """The context a kernel launch for ``tensor`` runs in: its GPU as the current one (Triton
-    launches on the current device), nothing for CPU tensors."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

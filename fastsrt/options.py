@@ -1,0 +1,31 @@
+"""The values of every option, in one place and without torch, so the ``fastsrt`` command can list
+its choices without importing torch. The modules that take an option check it against these
+tuples; the command line takes its choices (and, through the config dataclasses, its defaults)
+from here.
+"""
+from __future__ import annotations
+
+UPSAMPLES = ("nearest", "bilinear")  # token grid -> pixels; "nearest" is the SRT paper's
+PADDINGS = ("zeros", "replicate", "reflect")  # fill of a shifted view; "zeros" is the paper's
+REDUCES = ("mean", "median")  # over views; "median" is the lower middle for an even count
+OUTPUTS = ("pixel", "token")  # full resolution, or average-pooled back to the token grid
+SRT_IMPLS = ("auto", "reference", "fused", "chunked")  # SRT's views + aggregation
+ENCODING_IMPLS = ("auto", "reference", "extension")  # DVT's hash-grid encoding
+BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")  # deployment of the denoiser
+PRECISIONS = ("fp32", "fp16", "bf16")  # deployment precision
+AMPS = ("auto", "bf16", "fp16", "none")  # mixed precision when training the denoiser
+PRETRAINED = {"auto": "auto", "yes": True, "no": False}  # the command line's word -> pretrained=
+
+# dtype names -> torch dtype attribute names. A backbone dtype of "float32" means no autocast.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a name in DTYPE_NAMES or PRECISIONS ("bfloat16", "bf16", ...)."""
+    import torch
+
+    name = PRECISION_DTYPES.get(name, name)
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPE_NAMES + tuple(PRECISION_DTYPES))}")
+    return getattr(torch, name)
