@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Sets up .venv (scripts/install.sh dev) and runs the test suite. Without a GPU the Triton kernels
-# run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) and CUDA tests skip.
+# Sets up .venv (scripts/install.sh dev), lints, runs every benchmark once untimed (so none rots),
+# then the test suite. Without a GPU the Triton kernels run in Triton's interpreter
+# (TRITON_INTERPRET=1, set by tests/conftest.py and bench/conftest.py) and CUDA tests skip.
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh tests/test_x.py # lint, then only these tests (pytest's arguments)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
+.venv/bin/ruff check .
+if [ $# -eq 0 ]; then
+    .venv/bin/python -m pytest -q -p no:cacheprovider bench --benchmark-disable
+fi
 exec .venv/bin/python -m pytest -q "$@"
