@@ -12,21 +12,29 @@ import weakref
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from utils import rel_err, requires_cuda, tiny_vit
 from torch.utils._python_dispatch import TorchDispatchMode
+from utils import rel_err, requires_cuda, tiny_vit
 
 import fastsrt
+from fastsrt import errors
+from fastsrt.dispatch import names
 from fastsrt.ops import _triton
-from fastsrt.ops import warp_aggregate as wa
 from fastsrt.ops.warp_aggregate import (
+    IMPLS,
     OUTPUTS,
     REDUCES,
     UPSAMPLES,
+    chunked,
+    dispatch,
+    fused,
+    reference,
     warp_aggregate,
     warp_aggregate_chunked,
     warp_aggregate_fused,
     warp_aggregate_reference,
 )
+
+KERNELS = "fastsrt.ops.warp_aggregate.kernels"
 
 PATCH = 3  # odd and not a power of two, like 14
 # where the fused kernels run compiled: conftest.py sets TRITON_INTERPRET=1 only without a GPU, so a
@@ -38,7 +46,11 @@ EVERY_MODE = list(itertools.product(REDUCES, UPSAMPLES, [False, True], OUTPUTS))
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """The fast paths' output buffers start as NaN, so an element they do not write shows."""
-    monkeypatch.setattr(wa, "_empty_output", lambda shape, tokens: torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device))
+    def poisoned(shape, tokens):
+        return torch.full(shape, float("nan"), dtype=tokens.dtype, device=tokens.device)
+
+    for module in (chunked, fused):
+        monkeypatch.setattr(module, "empty_output", poisoned)
 
 
 def make_case(views, dtype=torch.float32, batch=2, channels=3, h=5, w=7, seed=0, device=DEVICE):
@@ -64,9 +76,11 @@ def assert_matches(actual, expected, exact_elements=False):
         assert rel_err(actual, expected) <= (1e-12 if expected.dtype == torch.float64 else 1e-5)
 
 
-def check_against_reference(implementation, tokens, shifts, reduce, upsample, ignore_padding, output, return_std, patch=PATCH):
-    expected, expected_std = warp_aggregate_reference(tokens, shifts, patch, upsample, reduce, ignore_padding, output, return_std)
-    actual, actual_std = implementation(tokens, shifts, patch, upsample, reduce, ignore_padding, output, return_std)
+def check_against_reference(implementation, tokens, shifts, reduce, upsample, ignore_padding, output, return_std,
+                            patch=PATCH):
+    settings = (upsample, reduce, ignore_padding, output, return_std)
+    expected, expected_std = warp_aggregate_reference(tokens, shifts, patch, *settings)
+    actual, actual_std = implementation(tokens, shifts, patch, *settings)
     assert_matches(actual, expected, exact_elements=reduce == "median")
     if return_std:
         assert_matches(actual_std, expected_std)
@@ -115,7 +129,8 @@ def test_fused_other_dtypes(dtype, reduce, return_std, output):
 def test_fused_patch_14_nearest_paper_settings():
     """The paper's setting (p = 14, 50 views of the d = 3 grid, nearest, zero fill) on a 2 x 3 grid."""
     tokens, _ = make_case(50, batch=1, channels=2, h=2, w=3)
-    check_against_reference(warp_aggregate_fused, tokens, fastsrt.paper_grid(3), "mean", "nearest", False, "pixel", False, patch=14)
+    shifts = fastsrt.paper_grid(3)
+    check_against_reference(warp_aggregate_fused, tokens, shifts, "mean", "nearest", False, "pixel", False, patch=14)
 
 
 @requires_cuda
@@ -124,13 +139,14 @@ def test_fused_patch_14_nearest_paper_settings():
 def test_fused_on_cuda(reduce, upsample, ignore_padding, output, return_std):
     for views, dtype in [(9, torch.float32), (50, torch.float32), (50, torch.bfloat16)]:
         tokens, shifts = make_case(views, dtype=dtype, batch=2, channels=40, h=11, w=13, device="cuda")
-        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output, return_std, patch=14)
+        check_against_reference(warp_aggregate_fused, tokens, shifts, reduce, upsample, ignore_padding, output,
+                                return_std, patch=14)
 
 
 @requires_cuda
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_fused_peak_memory_on_cuda(reduce):
-    """The issue's bound: the fused path needs at most 1.2 x (token grids + output), K = 50,
+    """The bound in docs/benchmarks.md: the fused path needs at most 1.2 x (token grids + output), K = 50,
     C = 64, 224 x 224 (p = 14): nothing per view at pixel resolution."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -164,7 +180,7 @@ def test_fused_offsets_beyond_int32_on_cuda(reduce):
 def test_launch_grids_stay_within_cuda_limits(monkeypatch, reduce):
     """CUDA grids allow 2^31 - 1 programs on axis 0 but only 65535 on axes 1 and 2: 300,000
     planes (B*C) must not land on those. The launch is recorded, not run."""
-    _triton.jit_kernels(vars(wa), wa._TRITON_FUNCTIONS)
+    kernels = _triton.kernels(KERNELS)
     grids = []
 
     class Recorder:
@@ -172,8 +188,8 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch, reduce):
             grids.append(grid)
             return lambda *args, **kwargs: None
 
-    for name in ("_grouped_mean_kernel", "_per_pixel_kernel"):
-        monkeypatch.setattr(wa, name, Recorder())
+    for name in ("grouped_mean_kernel", "per_pixel_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder())
     tokens = torch.randn(2, 1, 300_000, 1, 2, device=DEVICE)
     warp_aggregate_fused(tokens, [(0, 0), (1, 0)], 2, reduce=reduce)
     (grid,) = grids
@@ -187,19 +203,18 @@ def test_kernels_compile_for_gpu():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        import fastsrt.ops.warp_aggregate as wa
-        from fastsrt.ops import _triton
-        _triton.jit_kernels(vars(wa), wa._TRITON_FUNCTIONS)
+        from fastsrt.ops.warp_aggregate import fused, kernels
         ints = dict.fromkeys(["views", "planes", "h", "w", "patch", "view_stride"], "i32")
-        flags = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True, ACC=wa.tl.float32)
+        flags = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True, ACC=kernels.tl.float32)
         grouped = dict(tokens_ptr="*bf16", out_ptr="*bf16", order_ptr="*i32", dx_ptr="*i32", group_dy_ptr="*i32",
                        group_start_ptr="*i32", groups="i32", **ints)
         per_pixel = dict(tokens_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", **ints,
                          position_blocks="i32")
-        cases = [(wa._grouped_mean_kernel, grouped, dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, **flags))]
+        cases = [(kernels.grouped_mean_kernel, grouped, dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, **flags))]
         for k_pad in (16, 64):  # rank selection, sort
-            cases.append((wa._per_pixel_kernel, per_pixel, dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=2048 // (4 * k_pad),
-                                                                 K_PAD=k_pad, SELECT_MAX=wa._SELECT_MAX_VIEWS, **flags)))
+            cases.append((kernels.per_pixel_kernel, per_pixel, dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4,
+                                                                    BLOCK_P=2048 // (4 * k_pad), K_PAD=k_pad,
+                                                                    SELECT_MAX=fused.SELECT_MAX_VIEWS, **flags)))
         for kernel, signature, constexprs in cases:
             source = ASTSource(kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs)
             assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
@@ -221,9 +236,10 @@ def test_kernels_compile_for_gpu():
 @pytest.mark.parametrize("views", [1, 2, 9, 50])
 @pytest.mark.parametrize("reduce,upsample,ignore_padding,output", EVERY_MODE)
 def test_chunked_matches_reference(monkeypatch, reduce, upsample, ignore_padding, output, views, return_std):
-    monkeypatch.setattr(wa, "CHUNK_ELEMENTS", 600)  # many chunks of channels and rows, uneven last ones
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 600)  # many chunks of channels and rows, uneven last ones
     tokens, shifts = make_case(views)
-    check_against_reference(warp_aggregate_chunked, tokens, shifts, reduce, upsample, ignore_padding, output, return_std)
+    check_against_reference(warp_aggregate_chunked, tokens, shifts, reduce, upsample, ignore_padding, output,
+                            return_std)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -269,10 +285,10 @@ def test_chunked_peak_memory_is_a_few_chunks(monkeypatch, reduce, upsample, igno
     """Beyond its outputs the chunked path holds a few chunks, never K x C x H x W: at K = 50 and
     4096-element chunks at most 8 chunks (measured: 0.5 to 5), where the reference holds ~370 to
     ~740 of them. A chunk is at least the K values of one token row of one plane."""
-    monkeypatch.setattr(wa, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4096)
     tokens, shifts = make_case(50, batch=1, channels=32, device="cpu")
     views, _, channels, h, w = tokens.shape
-    chunk_bytes = 4 * max(wa.CHUNK_ELEMENTS, views * PATCH * w * PATCH)
+    chunk_bytes = 4 * max(chunked.CHUNK_ELEMENTS, views * PATCH * w * PATCH)
     args = (tokens, shifts, PATCH, upsample, reduce, ignore_padding, output, return_std)
     peaks = {}
     for name, implementation in [("chunked", warp_aggregate_chunked), ("reference", warp_aggregate_reference)]:
@@ -301,9 +317,10 @@ def test_dispatch_checks_once_and_reuses_the_shift_tables(monkeypatch, reduce):
     """One argument check per call; the kernels' int32 shift tables are made once per shifts and
     device, not copied to the device on every call."""
     checks = []
-    monkeypatch.setattr(wa, "check_warp_aggregate_args", lambda *args: checks.append(args))
+    for module in (reference, dispatch):  # the dispatcher's check and the public functions' checks
+        monkeypatch.setattr(module, "check_warp_aggregate_args", lambda *args: checks.append(args))
     tokens, shifts = make_case(3, batch=1, channels=1, h=2, w=3)
-    tables = wa._grouped_shift_tables if reduce == "mean" else wa._shift_tables
+    tables = fused._grouped_shift_tables if reduce == "mean" else fused._shift_tables
     tables.cache_clear()
     first = warp_aggregate(tokens, shifts, PATCH, reduce=reduce, impl="fused")
     second = warp_aggregate(tokens, list(shifts), PATCH, reduce=reduce, impl="fused")
@@ -314,20 +331,70 @@ def test_dispatch_checks_once_and_reuses_the_shift_tables(monkeypatch, reduce):
 
 def test_fused_without_interpreter_on_cpu_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     tokens, shifts = make_case(2, device="cpu")
-    with pytest.warns(UserWarning, match="need CUDA tensors.*falls back to the chunked"):
+    with pytest.warns(UserWarning, match="need CUDA tensors.*falls back to 'chunked'"):
         assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warp_aggregate(tokens, shifts, PATCH, impl="fused").impl == "chunked"
 
 
+def test_fused_on_cpu_without_interpreter_returns_the_chunked_result(monkeypatch):
+    """impl="fused" on CPU tensors outside the interpreter: one warning over two calls, and the
+    chunked path's outputs, element for element."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(errors, "_warned", set())
+    tokens, shifts = make_case(5, device="cpu")
+    expected, expected_std = warp_aggregate_chunked(tokens, shifts, PATCH, "bilinear", "median", True, "pixel", True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [warp_aggregate(tokens, shifts, PATCH, "bilinear", "median", True, "pixel", True, impl="fused")
+                for _ in range(2)]
+    assert len(caught) == 1 and "TRITON_INTERPRET=1" in str(caught[0].message), [str(w.message) for w in caught]
+    for out in outs:
+        assert out.impl == "chunked"
+        assert torch.equal(out.result, expected) and torch.equal(out.std, expected_std)
+
+
+def test_unknown_impl_is_named():
+    tokens, shifts = make_case(2, device="cpu")
+    with pytest.raises(ValueError, match="impl='fastest'") as raised:
+        warp_aggregate(tokens, shifts, PATCH, impl="fastest")
+    assert all(repr(name) in str(raised.value) for name in IMPLS)
+
+
+def test_impl_options_are_the_dispatchers_names():
+    """fastsrt.options lists the values impl takes; the dispatcher knows exactly those."""
+    assert names(dispatch.IMPLEMENTATIONS) == IMPLS
+
+
+def test_importing_fastsrt_does_not_import_the_kernels():
+    """The kernel module is imported by the first fused call, not by `import fastsrt` (nor by
+    importing the op's package)."""
+    script = textwrap.dedent(f"""
+        import sys
+        import torch
+        import fastsrt
+        import fastsrt.ops.warp_aggregate as wa
+        print("after import:", {KERNELS!r} in sys.modules)
+        wa.warp_aggregate(torch.randn(2, 1, 1, 2, 2), [(0, 0), (1, 0)], 2, impl="fused")
+        print("after a fused call:", {KERNELS!r} in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after import: False" in done.stdout
+    if _triton.load() is not None:  # without Triton the fused call falls back and imports nothing
+        assert "after a fused call: True" in done.stdout
+
+
 def test_fused_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
     """Compiled Triton on CPU pointers would crash the process: a clear error instead."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tokens, shifts = make_case(2, device="cpu")
-    with pytest.raises(RuntimeError, match="fused Triton kernels cannot run on this cpu tensor.*TRITON_INTERPRET=1"):
+    refusal = "fused Triton kernels cannot run on this cpu tensor.*TRITON_INTERPRET=1"
+    with pytest.raises(errors.Unavailable, match=refusal):
         warp_aggregate_fused(tokens, shifts, PATCH)
 
 
@@ -344,7 +411,8 @@ def test_import_and_fallback_without_triton():
             runs = [warp_aggregate(tokens, [(0, 0), (1, -2), (0, 0)], 2, impl="fused").impl for _ in range(2)]
         print(runs, len(caught), caught[0].message)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "['chunked', 'chunked'] 1 Triton is not usable" in done.stdout
 
@@ -379,7 +447,7 @@ def test_srt_fused_equals_reference(settings, std):
     for impl in ("reference", "fused", "auto"):
         srt = fastsrt.SRT(model, shifts=1, impl=impl, pretrained=False, **settings)
         runs[impl] = srt.run(images, std=std)
-        assert srt.aggregation_used == {"auto": "fused" if DEVICE == "cuda" else "chunked"}.get(impl, impl)
+        assert runs[impl].aggregation_impl == {"auto": "fused" if DEVICE == "cuda" else "chunked"}.get(impl, impl)
     for impl in ("fused", "auto"):
         # fused views (the patch-embedding kernel) round differently from the model's conv, so
         # even a median is compared as a whole, not element by element
