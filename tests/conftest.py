@@ -20,10 +20,10 @@ def extension():
     """fastsrt's compiled grid-encoding extension (built once, cached); skips where no C++ compiler exists."""
     import shutil
 
-    from fastsrt.dvt.extension import load_extension
+    from fastsrt.ops.grid_encoding.extension import build_extension
 
-    module = load_extension()
+    module, problem = build_extension()
     if module is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler here: the extension cannot be built")
-    assert module is not None, "the extension failed to build (see the warning)"
+    assert module is not None, f"the extension failed to build: {problem}"
     return module

@@ -8,6 +8,7 @@ from utils import rel_err, requires_cuda, tiny_vit
 
 import fastsrt
 import fastsrt.dvt
+from fastsrt import errors
 from fastsrt.backbone import Backbone
 from fastsrt.dvt import decomposition
 from fastsrt.dvt.crops import render_views, sample_crops, token_coordinates
@@ -17,8 +18,9 @@ from fastsrt.dvt.decomposition import (
     extract_view_features,
     fit_decomposition,
 )
-from fastsrt.dvt.encoding import GridEncodingConfig
+from fastsrt.errors import Unavailable
 from fastsrt.io import normalize
+from fastsrt.ops.grid_encoding import GridEncodingConfig
 
 SMALL_ENCODING = GridEncodingConfig(levels=6, features=4, log2_table_size=12, base_resolution=4, max_resolution=64)
 # the reduced setting of the recovery test: 64 x 64 views of patch 8 (8 x 8 tokens), 48 views
@@ -68,13 +70,14 @@ def smooth_image(size=96, seed=0):
     for _ in range(3):
         freq = torch.rand(3, generator=generator) * 4 + 1
         phase = torch.rand(3, generator=generator) * 2 * math.pi
-        channels.append(0.5 + 0.2 * torch.sin(freq[0] * math.pi * x + phase[0]) * torch.cos(freq[1] * math.pi * y + phase[1])
-                        + 0.2 * torch.sin(freq[2] * 2 * (x + y) + phase[2]))
+        wave = 0.2 * torch.sin(freq[0] * math.pi * x + phase[0]) * torch.cos(freq[1] * math.pi * y + phase[1])
+        channels.append(0.5 + wave + 0.2 * torch.sin(freq[2] * 2 * (x + y) + phase[2]))
     return torch.stack(channels).clamp(0, 1)
 
 
 def smooth_truth(net, image, size=64):
-    square = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    square = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    square = square.clamp(0, 1)
     return net.smooth(normalize(square[0])[None])[0]
 
 
@@ -127,6 +130,29 @@ def test_extension_and_reference_fit_the_same(extension, device):
     assert fast.encoding == "extension" and reference.encoding == "reference"
     assert rel_err(fast.losses, reference.losses) < 1e-4
     assert rel_err(fast.clean, reference.clean) < 1e-3
+
+
+def test_the_encoding_is_chosen_once_per_fit_and_recorded(monkeypatch):
+    chosen = []
+
+    def counting_choice(*args, **kwargs):
+        chosen.append(decomposition_choose(*args, **kwargs))
+        return chosen[-1]
+
+    decomposition_choose = decomposition.choose_encoding
+    monkeypatch.setattr(decomposition, "choose_encoding", counting_choice)
+    settings = dict(views=2, iterations=4, size=32, tokens_per_step=16, patch_size=8, encoding=SMALL_ENCODING)
+    results = fastsrt.dvt.decompose([smooth_image(32), smooth_image(32, seed=1)], SyntheticViT(grid=4), **settings)
+    assert len(chosen) == 1 and [r.encoding for r in results] == [chosen[0].name] * 2
+
+    monkeypatch.setenv("FASTSRT_NO_EXTENSION", "1")
+    monkeypatch.setattr(errors, "_warned", set())  # the fallback's one warning, as in a new process
+    with pytest.warns(UserWarning, match="FASTSRT_NO_EXTENSION"):
+        assert fastsrt.dvt.decompose(smooth_image(32), SyntheticViT(grid=4), **settings).encoding == "reference"
+    with pytest.raises(Unavailable, match="FASTSRT_NO_EXTENSION"):
+        fastsrt.dvt.decompose(smooth_image(32), SyntheticViT(grid=4), impl="extension", **settings)
+    with pytest.raises(ValueError, match="impl"):  # before the views are rendered and run
+        fastsrt.dvt.decompose(smooth_image(32), None, impl="fast", **settings)
 
 
 def test_phases_fit_f_and_g_then_f_and_h(monkeypatch):
@@ -194,7 +220,8 @@ def test_loss_matches_its_definition():
         pred = clean[b] + artifact[b] + residual[b].detach()
         cosine = sum(torch.dot(pred[n], raw[b, n]) / (pred[n].norm() * raw[b, n].norm()) for n in range(5)) / 5
         expected = ((pred - raw[b]) ** 2).mean() + 1 - cosine
-        expected += 0.1 * ((residual[b] - (raw[b] - clean[b] - artifact[b])) ** 2).mean() + 0.02 * residual[b].abs().mean()
+        expected += 0.1 * ((residual[b] - (raw[b] - clean[b] - artifact[b])) ** 2).mean()
+        expected += 0.02 * residual[b].abs().mean()
         assert abs(loss[b].item() - expected.item()) < 1e-12
     # the distance term sees h only through a stop-gradient: h learns from its own two terms alone
     loss.sum().backward()
@@ -203,7 +230,8 @@ def test_loss_matches_its_definition():
     assert torch.allclose(residual.grad, expected_grad)
     phase_one = decomposition_loss(clean, artifact, raw)
     pred = clean + artifact
-    assert torch.allclose(phase_one, ((pred - raw) ** 2).mean((1, 2)) + 1 - F.cosine_similarity(pred, raw, dim=-1).mean(1))
+    expected = ((pred - raw) ** 2).mean((1, 2)) + 1 - F.cosine_similarity(pred, raw, dim=-1).mean(1)
+    assert torch.allclose(phase_one, expected)
 
 
 def test_learning_rate_schedule():
@@ -236,13 +264,16 @@ def test_views_and_token_coordinates():
     image = torch.rand(3, 32, 32)
     views = render_views(image, crops, range(3))
     assert torch.equal(views[0], image)
-    expected = F.interpolate(image[None, :, 8:24, 4:28], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0]
+    expected = F.interpolate(image[None, :, 8:24, 4:28], size=(32, 32), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
     assert torch.allclose(views[1], expected) and torch.equal(views[2], views[1].flip(-1))
     coords = token_coordinates(crops, 4)
-    assert torch.allclose(coords[0, 0, :, 0], torch.linspace(0, 1, 4)) and torch.allclose(coords[0, :, 0, 1], torch.linspace(0, 1, 4))
+    assert torch.allclose(coords[0, 0, :, 0], torch.linspace(0, 1, 4))
+    assert torch.allclose(coords[0, :, 0, 1], torch.linspace(0, 1, 4))
     assert torch.allclose(coords[1, 0, :, 0], torch.linspace(4 / 32, 28 / 32, 4))
     assert torch.allclose(coords[1, :, 0, 1], torch.linspace(8 / 32, 24 / 32, 4))
-    assert torch.equal(coords[2, :, :, 0], coords[1, :, :, 0].flip(-1)) and torch.equal(coords[2, ..., 1], coords[1, ..., 1])
+    assert torch.equal(coords[2, :, :, 0], coords[1, :, :, 0].flip(-1))
+    assert torch.equal(coords[2, ..., 1], coords[1, ..., 1])
 
 
 def test_float16_cache_switches_to_float32_on_overflow():

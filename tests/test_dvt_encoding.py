@@ -5,9 +5,20 @@ import pytest
 import torch
 from utils import rel_err, requires_cuda
 
-import fastsrt.dvt.encoding as encoding_module
-from fastsrt.dvt import extension as extension_module
-from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode, grid_encode_reference
+import fastsrt.dvt
+from fastsrt import errors
+from fastsrt.dispatch import names
+from fastsrt.errors import Unavailable
+from fastsrt.ops.grid_encoding import (
+    IMPLEMENTATIONS,
+    GridEncodingConfig,
+    choose_encoding,
+    grid_encode,
+    grid_encode_reference,
+)
+from fastsrt.ops.grid_encoding import extension as extension_module
+from fastsrt.ops.grid_encoding.dispatch import ExtensionEncoding
+from fastsrt.options import ENCODING_IMPLS
 
 # 5 levels, resolutions 4, 8, 16, 32, 64 with 256 rows: two dense levels, three that hash
 MIXED = GridEncodingConfig(levels=5, features=3, log2_table_size=8, base_resolution=4, max_resolution=64)
@@ -42,7 +53,7 @@ def border_coords(config, batch=2):
 
 
 def naive_encode(coords, table, config):
-    """Point by point in Python floats, straight from the definition in fastsrt/dvt/encoding.py."""
+    """Point by point in Python floats, straight from the definition in fastsrt/ops/grid_encoding/reference.py."""
     batch, points, _ = coords.shape
     out = torch.zeros(batch, points, config.output_dim, dtype=torch.float64)
     for b in range(batch):
@@ -131,7 +142,8 @@ def test_extension_autograd_function_float64_gradcheck(extension):
     coords, table = random_inputs(MIXED, points=6, dtype=torch.float64)
     coords.requires_grad_()
     table.requires_grad_()
-    assert torch.autograd.gradcheck(lambda c, t: grid_encode(c, t, MIXED, impl="extension"), (coords, table), fast_mode=True)
+    encode = lambda c, t: grid_encode(c, t, MIXED, impl="extension")
+    assert torch.autograd.gradcheck(encode, (coords, table), fast_mode=True)
 
 
 def test_grid_encode_extension_equals_reference_through_autograd(extension):
@@ -147,7 +159,8 @@ def test_grid_encode_extension_equals_reference_through_autograd(extension):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-12)],
+                         ids=["float32", "float64"])
 @pytest.mark.parametrize("config", [MIXED, DENSE, PAPER], ids=["mixed", "dense", "paper"])
 def test_cuda_forward_matches_reference(cuda_extension, config, dtype, tolerance):
     coords, table = random_inputs(config, dtype=dtype)
@@ -160,7 +173,8 @@ def test_cuda_forward_matches_reference(cuda_extension, config, dtype, tolerance
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)],
+                         ids=["float32", "float64"])
 @pytest.mark.parametrize("config", [MIXED, DENSE], ids=["mixed", "dense"])
 @pytest.mark.parametrize("where", ["random", "borders"])
 def test_cuda_backward_matches_reference(cuda_extension, config, where, dtype, tolerance):
@@ -168,7 +182,8 @@ def test_cuda_backward_matches_reference(cuda_extension, config, where, dtype, t
     if where == "borders":
         coords = border_coords(config).to(dtype)
     coords, table = coords.cuda(), table.cuda()
-    grad_out = torch.randn(2, coords.shape[1], config.output_dim, generator=torch.Generator().manual_seed(1), dtype=dtype).cuda()
+    grad_out = torch.randn(2, coords.shape[1], config.output_dim, generator=torch.Generator().manual_seed(1),
+                           dtype=dtype).cuda()
     grad_table = torch.zeros_like(table)  # accumulated into (atomics over points sharing a row)
     grad_coords = torch.full_like(coords, float("nan"))  # poisoned: must be overwritten entirely
     cuda_extension.backward(grad_out, coords, table, config.level_table(), grad_table, grad_coords)
@@ -183,7 +198,8 @@ def test_cuda_backward_matches_reference(cuda_extension, config, where, dtype, t
 def test_cuda_autograd_function_float64_gradcheck(cuda_extension):
     coords, table = random_inputs(MIXED, points=6, dtype=torch.float64)
     coords, table = coords.cuda().requires_grad_(), table.cuda().requires_grad_()
-    assert torch.autograd.gradcheck(lambda c, t: grid_encode(c, t, MIXED, impl="extension"), (coords, table), fast_mode=True)
+    encode = lambda c, t: grid_encode(c, t, MIXED, impl="extension")
+    assert torch.autograd.gradcheck(encode, (coords, table), fast_mode=True)
 
 
 def test_extension_rejects_bad_buffers(extension):
@@ -206,26 +222,76 @@ def test_grid_encode_checks_inputs():
         grid_encode(coords, table, MIXED, impl="fast")
 
 
-def test_no_compiler_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="no C.. compiler") as record:
-        assert extension_module.load_extension.__wrapped__() is None
-    assert len(record) == 1
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """warn_once as in a new process: warnings given by earlier tests come up again."""
+    monkeypatch.setattr(errors, "_warned", set())
 
-    monkeypatch.setattr(encoding_module, "load_extension", lambda: None)
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_warnings):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    module, problem = extension_module.build_extension.__wrapped__()
+    assert module is None and "no C++ compiler 'c++'" in problem
+
+    monkeypatch.setattr(extension_module, "build_extension", lambda: (None, problem))
     coords, table = random_inputs(MIXED, points=10)
+    with pytest.warns(UserWarning, match="no C.. compiler") as record:
+        out = grid_encode(coords, table, MIXED)  # auto: the reference, with one warning saying why
+    assert len(record) == 1 and "'reference'" in str(record[0].message)
+    assert torch.equal(out, grid_encode_reference(coords, table, MIXED))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = grid_encode(coords, table, MIXED)  # auto: the reference, silently (the loader already warned)
-    assert torch.equal(out, grid_encode_reference(coords, table, MIXED))
-    with pytest.raises(RuntimeError, match="unavailable"):
+        assert torch.equal(grid_encode(coords, table, MIXED), out)  # once
+    with pytest.raises(Unavailable, match="unavailable: no C.. compiler"):
         grid_encode(coords, table, MIXED, impl="extension")
 
 
-def test_disabled_by_environment(monkeypatch):
+def test_disabled_by_environment(monkeypatch, fresh_warnings):
     monkeypatch.setenv("FASTSRT_NO_EXTENSION", "1")
+    assert extension_module.why_unavailable() == "FASTSRT_NO_EXTENSION is set"
+    with pytest.raises(Unavailable, match="FASTSRT_NO_EXTENSION"):
+        extension_module.load_extension()
+    coords, table = random_inputs(MIXED, points=10)
+    with pytest.raises(Unavailable, match="FASTSRT_NO_EXTENSION"):
+        grid_encode(coords, table, MIXED, impl="extension")
     with pytest.warns(UserWarning, match="FASTSRT_NO_EXTENSION"):
-        assert extension_module.load_extension.__wrapped__() is None
+        assert choose_encoding(coords, table, MIXED).name == "reference"
+    monkeypatch.setenv("FASTSRT_NO_EXTENSION", "0")
+    assert "FASTSRT_NO_EXTENSION" not in extension_module.why_unavailable()  # read at every call
+
+
+def test_implementations_are_the_options():
+    assert sorted(names(IMPLEMENTATIONS)) == sorted(ENCODING_IMPLS)
+    assert fastsrt.dvt.grid_encode is grid_encode and fastsrt.dvt.GridEncodingConfig is GridEncodingConfig
+
+
+def test_auto_chooses_the_extension_where_it_runs(extension):
+    coords, table = random_inputs(MIXED, points=10)
+    assert choose_encoding(coords, table, MIXED).name == "extension"
+    assert choose_encoding(coords, table, MIXED, impl="reference").name == "reference"
+    assert choose_encoding(coords.double(), table.double(), MIXED).name == "extension"
+
+
+def test_other_dtypes_and_devices_take_the_reference(fresh_warnings):
+    coords, table = random_inputs(MIXED, points=10)
+    half_coords, half_table = coords.half(), table.half()
+    assert "not torch.float16" in " ".join(ExtensionEncoding().not_supported_reasons(half_coords, half_table, MIXED))
+    with pytest.raises(Unavailable, match="float32 or float64, not torch.float16"):
+        grid_encode(half_coords, half_table, MIXED, impl="extension")
+    with pytest.warns(UserWarning, match="float16"):
+        out = grid_encode(half_coords, half_table, MIXED)
+    assert out.dtype == torch.float16 and torch.equal(out, grid_encode_reference(half_coords, half_table, MIXED))
+    meta_coords, meta_table = coords.to("meta"), table.to("meta")
+    assert "not meta" in " ".join(ExtensionEncoding().not_supported_reasons(meta_coords, meta_table, MIXED))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto does not consider the extension on other devices: no warning
+        assert choose_encoding(meta_coords, meta_table, MIXED).name == "reference"
+
+
+def test_extension_source_folder_is_the_top_level_csrc():
+    folder = extension_module.source_folder()
+    assert folder == extension_module.Path(fastsrt.__file__).resolve().parents[1] / "csrc"
+    assert all((folder / name).is_file() for name in extension_module.SOURCES)
 
 
 def test_build_key_follows_the_gpu_architectures(monkeypatch):

@@ -2,10 +2,10 @@
 neural-field decomposition; stage 2, the distilled one-block denoiser."""
 from fastsrt.dvt.decomposition import DecomposeConfig, Decomposition, decompose
 from fastsrt.dvt.denoiser import Denoiser
-from fastsrt.dvt.encoding import GridEncodingConfig, grid_encode
 from fastsrt.dvt.pipeline import DVT
 from fastsrt.dvt.runner import fit_folder, iter_pairs, load_pair
 from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, TrainResult, denoiser_loss, train_denoiser
+from fastsrt.ops.grid_encoding import GridEncodingConfig, grid_encode
 
 __all__ = [
     "DVT",

@@ -1,5 +1,5 @@
 """DVT stage-1 views: the full image plus random resized crops with flips, and the global
-coordinates of every token of every view (REFERENCE.md, DVT stage 1)."""
+coordinates of every token of every view ("DVT stage 1" in docs/method.md)."""
 from __future__ import annotations
 
 import math
@@ -58,7 +58,8 @@ def render_views(image: torch.Tensor, crops: Crops, indices: range) -> torch.Ten
         top, left, height, width = crops.boxes[index].tolist()
         view = image[:, top:top + height, left:left + width]
         if (height, width) != (crops.size, crops.size):
-            view = F.interpolate(view[None], size=(crops.size, crops.size), mode="bilinear", align_corners=False, antialias=True)[0]
+            view = F.interpolate(view[None], size=(crops.size, crops.size), mode="bilinear", align_corners=False,
+                                 antialias=True)[0]
         views.append(view.flip(-1) if crops.flips[index] else view)
     return torch.stack(views)
 

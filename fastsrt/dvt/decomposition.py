@@ -1,4 +1,4 @@
-"""DVT stage 1 (REFERENCE.md): per image, the raw ViT features of many views are decomposed as
+"""DVT stage 1, as docs/method.md describes it: per image, the raw ViT features of many views are decomposed as
 
     raw(view, token) ~ F(global coordinate of the token) + G(token position in the view) + h(raw)
 
@@ -29,18 +29,19 @@ from tqdm import tqdm
 
 from fastsrt.backbone import TokenSource, as_backbone
 from fastsrt.checks import check_choice
+from fastsrt.dispatch import Implementation
 from fastsrt.dvt.crops import render_views, sample_crops, token_coordinates
-from fastsrt.dvt.encoding import GridEncodingConfig, extension_for, grid_encode
 from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import load_image, normalize
+from fastsrt.ops.grid_encoding import GridEncodingConfig, choose_encoding
+from fastsrt.options import DTYPE_NAMES, ENCODING_IMPLS, torch_dtype
 
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DRAW_BLOCK = 64  # steps whose token samples are drawn at once (one randint per image per block)
 
 
 @dataclass(frozen=True)
 class DecomposeConfig:
-    """Stage-1 settings; the defaults are the DVT authors' (REFERENCE.md, DVT stage 1).
+    """Stage-1 settings; the defaults are the DVT authors' ("DVT stage 1" in docs/method.md).
 
     views: the full image + views-1 random crops. size: the image and every view are resized to
     size x size (a multiple of the patch size). crop_scale / crop_ratio / flip_probability: the
@@ -97,8 +98,8 @@ class DecomposeConfig:
             raise ValueError(f"need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not isinstance(self.encoding, GridEncodingConfig):
             raise TypeError(f"encoding must be a GridEncodingConfig, got {type(self.encoding).__name__}")
-        check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
-        check_choice("backbone_dtype", self.backbone_dtype, CACHE_DTYPES)
+        check_choice("cache_dtype", self.cache_dtype, DTYPE_NAMES)
+        check_choice("backbone_dtype", self.backbone_dtype, DTYPE_NAMES)
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up to lr, then cosine from lr to min_lr at the last step (``warmup_cosine``)."""
@@ -158,6 +159,7 @@ def decompose(image, model, views: int = 769, iterations: int = 20000, seed: int
     device: where features and fit run (default: the model's device; the model is moved there).
     impl: the grid encoding, "auto", "extension" or "reference". progress: a bar over the steps.
     """
+    check_choice("impl", impl, ENCODING_IMPLS)
     config = DecomposeConfig(views=views, iterations=iterations, **settings)
     backbone = backbone_for(model, patch_size=patch_size, pretrained=pretrained)
     if device is not None:
@@ -165,7 +167,8 @@ def decompose(image, model, views: int = 769, iterations: int = 20000, seed: int
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise ValueError("no images given")
-    features = extract_view_features([as_image(x) for x in images], backbone, config, layer=layer, seed=seed, device=device)
+    features = extract_view_features([as_image(x) for x in images], backbone, config, layer=layer, seed=seed,
+                                     device=device)
     results = fit_decomposition(features, config, seed=seed, impl=impl, progress=progress)
     return results if isinstance(image, (list, tuple)) else results[0]
 
@@ -232,8 +235,8 @@ def extract_view_features(images: list[torch.Tensor], backbone: TokenSource, con
                 if first == 0:
                     raw.append(tokens[0].float())
                     if cache is None:
-                        dtype = CACHE_DTYPES[config.cache_dtype]
-                        cache = torch.empty(len(images), config.views * tokens_per_view, tokens.shape[1], dtype=dtype, device=device)
+                        cache = torch.empty(len(images), config.views * tokens_per_view, tokens.shape[1],
+                                            dtype=torch_dtype(config.cache_dtype), device=device)
                 cache = _fit_cache_dtype(cache, tokens)
                 rows = tokens.permute(0, 2, 3, 1).reshape(-1, tokens.shape[1])
                 cache[b, first * tokens_per_view:first * tokens_per_view + len(rows)] = rows
@@ -245,13 +248,14 @@ def extract_view_features(images: list[torch.Tensor], backbone: TokenSource, con
 def _autocast(device: torch.device, dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=CACHE_DTYPES[dtype])
+    return torch.autocast(device.type, dtype=torch_dtype(dtype))
 
 
 def _fit_cache_dtype(cache: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The cache, switched to float32 if these tokens overflow its float16."""
     if cache.dtype == torch.float16 and tokens.abs().amax() > torch.finfo(torch.float16).max:
-        warnings.warn("raw features overflow float16; caching them in float32 (cache_dtype='float32' avoids this check)")
+        warnings.warn("raw features overflow float16; caching them in float32 "
+                      "(cache_dtype='float32' avoids this check)", stacklevel=2)
         return cache.float()
     return cache
 
@@ -271,6 +275,11 @@ def _per_image(generators: list[torch.Generator], draw) -> nn.Parameter:
     return nn.Parameter(torch.stack([draw(generator) for generator in generators]))
 
 
+def _per_image_uniform(generators: list[torch.Generator], shape: tuple[int, ...], bound: float) -> nn.Parameter:
+    """A parameter (B, *shape) whose slice b is uniform in [-bound, bound], drawn from generators[b]."""
+    return _per_image(generators, lambda g: (torch.rand(*shape, generator=g) * 2 - 1) * bound)
+
+
 class BatchedMLP(nn.Module):
     """One MLP per image (Linear -> ReLU -> ... -> Linear), all applied with batched matmuls:
     (B, N, sizes[0]) -> (B, N, sizes[-1]). nn.Linear's default initialisation, image b's drawn
@@ -281,8 +290,8 @@ class BatchedMLP(nn.Module):
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for fan_in, fan_out in zip(sizes, sizes[1:]):
             bound = 1 / math.sqrt(fan_in)
-            self.weights.append(_per_image(generators, lambda g: (torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound))
-            self.biases.append(_per_image(generators, lambda g: (torch.rand(1, fan_out, generator=g) * 2 - 1) * bound))
+            self.weights.append(_per_image_uniform(generators, (fan_in, fan_out), bound))
+            self.biases.append(_per_image_uniform(generators, (1, fan_out), bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
@@ -303,16 +312,19 @@ class Fields(nn.Module):
         self.encoding = config.encoding
         self.table = _per_image(generators, lambda g: self.encoding.init_table(1, g)[0])
         self.field = BatchedMLP([self.encoding.output_dim, channels // 2, channels], generators)
-        self.artifact = _per_image(generators, lambda g: torch.randn(grid * grid, channels, generator=g) * config.artifact_std)
+        std = config.artifact_std
+        self.artifact = _per_image(generators, lambda g: torch.randn(grid * grid, channels, generator=g) * std)
         self.residual = BatchedMLP([channels, channels // 4, channels // 4, channels], generators)
 
-    def clean(self, coords: torch.Tensor, impl: str) -> torch.Tensor:
-        return self.field(grid_encode(coords, self.table, self.encoding, impl))
+    def clean(self, coords: torch.Tensor, encode: Implementation) -> torch.Tensor:
+        """F at these coordinates (B, N, 2), through the grid encoding ``encode``."""
+        return self.field(encode(coords, self.table, self.encoding))
 
 
-def decomposition_loss(clean: torch.Tensor, artifact: torch.Tensor, raw: torch.Tensor, residual: torch.Tensor | None = None,
-                       residual_weight: float = 0.1, sparsity_weight: float = 0.02) -> torch.Tensor:
-    """Per-image loss (B,) on (B, N, C) tokens (REFERENCE.md, DVT stage 1): with pred = F + G
+def decomposition_loss(clean: torch.Tensor, artifact: torch.Tensor, raw: torch.Tensor,
+                       residual: torch.Tensor | None = None, residual_weight: float = 0.1,
+                       sparsity_weight: float = 0.02) -> torch.Tensor:
+    """Per-image loss (B,) on (B, N, C) tokens ("DVT stage 1" in docs/method.md): with pred = F + G
     (+ stopgrad(h) in phase 2), mse(pred, raw) + (1 - mean cos(pred, raw)), and in phase 2
     + residual_weight * mse(h, stopgrad(raw - F - G)) + sparsity_weight * mean|h|."""
     field_part = clean + artifact
@@ -320,22 +332,24 @@ def decomposition_loss(clean: torch.Tensor, artifact: torch.Tensor, raw: torch.T
     loss = (prediction - raw).square().mean((1, 2)) + 1 - F.cosine_similarity(prediction, raw, dim=-1).mean(1)
     if residual is not None:
         target = (raw - field_part).detach()
-        loss = loss + residual_weight * (residual - target).square().mean((1, 2)) + sparsity_weight * residual.abs().mean((1, 2))
+        loss = (loss + residual_weight * (residual - target).square().mean((1, 2))
+                + sparsity_weight * residual.abs().mean((1, 2)))
     return loss
 
 
-def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int | Sequence[int] = 0, impl: str = "auto",
-                      progress: bool = False) -> list[Decomposition]:
+def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int | Sequence[int] = 0,
+                      impl: str = "auto", progress: bool = False) -> list[Decomposition]:
     """Fits F, G and h of every image of ``features`` at once (config.iterations steps); image b's
     initialisation and token samples come from its seed (``seed``, or ``seed[b]``) alone."""
     cache, device = features.cache, features.cache.device
     images, tokens, channels = cache.shape
     grid = features.raw.shape[-1]
     tokens_per_view = grid * grid
-    encoding = "reference" if extension_for(device, torch.float32, impl) is None else "extension"
     start = time.perf_counter()
     seeds = per_image_seeds(seed, images)
     fields = Fields(channels, grid, config, [torch.Generator().manual_seed(s) for s in seeds]).to(device)
+    # the encoding, chosen once: every step's inputs have the same dtype and device
+    encode = choose_encoding(features.coords[:, :1], fields.table, config.encoding, impl)
     optimizer = torch.optim.Adam(fields.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
                                  weight_decay=config.weight_decay, fused=device.type == "cuda" or None)
     samplers = [torch.Generator(device).manual_seed(s) for s in seeds]
@@ -349,7 +363,8 @@ def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int
             group["lr"] = config.learning_rate(step)
         phase_two = step >= config.iterations // 2  # G frozen, h on
         if step % DRAW_BLOCK == 0:  # each image's token samples for the next DRAW_BLOCK steps, from its own generator
-            draws = torch.stack([torch.randint(tokens, (DRAW_BLOCK, count), generator=g, device=device) for g in samplers], 1)
+            draws = torch.stack([torch.randint(tokens, (DRAW_BLOCK, count), generator=g, device=device)
+                                 for g in samplers], 1)
         index = draws[step % DRAW_BLOCK]  # (B, count)
         rows = (index + image_rows).view(-1)
         raw = flat_cache.index_select(0, rows).view(images, count, channels).float()
@@ -358,7 +373,7 @@ def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int
         positions = (index % tokens_per_view + artifact_rows).view(-1)
         artifact = artifact_table.view(-1, channels).index_select(0, positions).view(images, count, channels)
         residual = fields.residual(raw) if phase_two else None
-        loss = decomposition_loss(fields.clean(coords, impl), artifact, raw, residual, config.residual_weight,
+        loss = decomposition_loss(fields.clean(coords, encode), artifact, raw, residual, config.residual_weight,
                                   config.sparsity_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -367,15 +382,16 @@ def fit_decomposition(features: ViewFeatures, config: DecomposeConfig, seed: int
     with torch.no_grad():
         raw = features.raw.flatten(2).transpose(1, 2)  # (B, K*K, C)
         maps = {
-            "clean": fields.clean(features.coords[:, :tokens_per_view].contiguous(), impl),
+            "clean": fields.clean(features.coords[:, :tokens_per_view].contiguous(), encode),
             "artifact": fields.artifact,
             "residual": fields.residual(raw),
         }
-        maps = {name: value.transpose(1, 2).reshape(images, channels, grid, grid).float().cpu() for name, value in maps.items()}
+        maps = {name: value.transpose(1, 2).reshape(images, channels, grid, grid).float().cpu()
+                for name, value in maps.items()}
     losses = losses.cpu()
     seconds = {"features": features.seconds / images, "fit": (time.perf_counter() - start) / images}
     return [
         Decomposition(raw=features.raw[b].cpu(), clean=maps["clean"][b], artifact=maps["artifact"][b],
-                      residual=maps["residual"][b], losses=losses[:, b], seconds=dict(seconds), encoding=encoding)
+                      residual=maps["residual"][b], losses=losses[:, b], seconds=dict(seconds), encoding=encode.name)
         for b in range(images)
     ]

@@ -1,5 +1,6 @@
-"""The 2-D multi-resolution hash-grid encoding of DVT's neural field F (REFERENCE.md, DVT stage 1;
-Muller et al. 2022): a torch reference and an autograd Function over the C++/CUDA extension.
+"""The 2-D multi-resolution hash-grid encoding of DVT's neural field F ("DVT stage 1" in
+docs/method.md; Muller et al. 2022): its configuration and its plain torch reference, which
+defines the semantics the C++/CUDA extension (csrc/) follows.
 
 Level l has resolution R_l = floor(base * s^l), s = exp((ln max - ln base) / (levels - 1)), and a
 table of min(2^log2_table_size, (R_l + 1)^2) rows of ``features`` values. A coordinate c in [0, 1]
@@ -10,18 +11,11 @@ The output concatenates the levels: (B, N, levels * features).
 """
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from fastsrt.checks import Unavailable, check_choice
-from fastsrt.dvt.extension import load_extension
-
-IMPLS = ("auto", "reference", "extension")
 HASH_PRIME = 2654435761
 
 
@@ -96,7 +90,7 @@ def grid_encode_reference(coords: torch.Tensor, table: torch.Tensor, config: Gri
         cell = cell.long()
         corner_rows, weights = [], []
         for dy in (0, 1):
-            for dx in (0, 1):  # vertex order (i, j), (i+1, j), (i, j+1), (i+1, j+1), as in fastsrt/csrc
+            for dx in (0, 1):  # vertex order (i, j), (i+1, j), (i, j+1), (i+1, j+1), as in csrc/grid_encoding.h
                 x, y = cell[..., 0] + dx, cell[..., 1] + dy
                 if hashed:
                     row = ((x ^ (y * HASH_PRIME)) & 0xFFFFFFFF) % rows
@@ -111,79 +105,3 @@ def grid_encode_reference(coords: torch.Tensor, table: torch.Tensor, config: Gri
         outputs.append((torch.stack(weights, -1)[..., None] * values).sum(2))
         offset += rows
     return torch.cat(outputs, -1)
-
-
-class _ExtensionEncoding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, coords, table, levels, extension):
-        out = coords.new_empty(coords.shape[0], coords.shape[1], levels.shape[0] * table.shape[2])
-        extension.forward(coords, table, levels, out)
-        ctx.save_for_backward(coords, table)
-        ctx.levels, ctx.extension = levels, extension
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        coords, table = ctx.saved_tensors
-        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
-        grad_coords = torch.empty_like(coords) if ctx.needs_input_grad[0] else None
-        ctx.extension.backward(grad_out.contiguous(), coords, table, ctx.levels, grad_table, grad_coords)
-        return grad_coords, grad_table, None, None
-
-
-def check_encoding_inputs(coords: torch.Tensor, table: torch.Tensor, config: GridEncodingConfig) -> None:
-    if not isinstance(coords, torch.Tensor) or coords.dim() != 3 or coords.shape[-1] != 2:
-        raise ValueError(f"coords must be a (B, N, 2) tensor, got {_shape(coords)}")
-    expected = (coords.shape[0], config.table_rows, config.features)
-    if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
-        raise ValueError(f"table must have shape {expected} for this config, got {_shape(table)}")
-    if coords.dtype != table.dtype or not coords.is_floating_point():
-        raise TypeError(f"coords and table must share a floating dtype, got {coords.dtype} and {table.dtype}")
-    if coords.device != table.device:
-        raise ValueError(f"coords on {coords.device} but table on {table.device}")
-
-
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def extension_for(device: torch.device, dtype: torch.dtype, impl: str = "auto"):
-    """The extension module to encode with on this device and dtype, or None for the reference.
-    impl "extension" raises where the extension cannot run; "auto" falls back to the reference."""
-    check_choice("impl", impl, IMPLS)
-    if impl == "reference":
-        return None
-    if dtype not in (torch.float32, torch.float64):
-        extension, reason = None, f"it takes float32 or float64, not {dtype}"
-    else:
-        extension, reason = load_extension(), "it could not be built (see the warning above)"
-        if extension is not None and device.type == "cuda" and not extension.has_cuda():
-            extension, reason = None, "it was built without CUDA kernels (no nvcc or GPU at build time)"
-            _warn_once(f"grid encoding on {device} uses the torch encoding: {reason}")
-    if extension is None and impl == "extension":
-        raise Unavailable(f"impl='extension' is unavailable here: {reason}")
-    return extension
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
-@functools.cache
-def _level_table(config: GridEncodingConfig) -> torch.Tensor:
-    return config.level_table()
-
-
-def grid_encode(coords: torch.Tensor, table: torch.Tensor, config: GridEncodingConfig, impl: str = "auto") -> torch.Tensor:
-    """Encodes coords (B, N, 2) in [0, 1] with a table (B, table_rows, features) -> (B, N, levels * features).
-
-    impl: "extension" (C++/OpenMP on CPU, CUDA on GPU), "reference" (plain torch) or "auto" (the
-    extension where it is available, else the reference). Differentiable in coords and table.
-    """
-    check_encoding_inputs(coords, table, config)
-    extension = extension_for(coords.device, coords.dtype, impl)
-    if extension is None:
-        return grid_encode_reference(coords, table, config)
-    return _ExtensionEncoding.apply(coords.contiguous(), table.contiguous(), _level_table(config), extension)

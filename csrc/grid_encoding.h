@@ -1,6 +1,6 @@
-// The 2-D multi-resolution hash-grid encoding (Muller et al. 2022; DVT stage 1 in
-// shared/REFERENCE.md), shared by the CPU (grid_encoding.cpp) and CUDA (grid_encoding_cuda.cu)
-// kernels. fastsrt/dvt/encoding.py holds the torch reference with the same semantics:
+// The 2-D multi-resolution hash-grid encoding (Muller et al. 2022; "DVT stage 1" in
+// docs/method.md), shared by the CPU (grid_encoding.cpp) and CUDA (grid_encoding_cuda.cu)
+// kernels. fastsrt/ops/grid_encoding/reference.py holds the torch reference with the same semantics:
 //
 //   level l has resolution R_l; a coordinate c in [0, 1] is scaled to s = c * R_l and falls in
 //   cell i = clamp(floor(s), 0, R_l - 1) (s <= 0 or NaN -> 0), fraction f = s - i;
