@@ -127,9 +127,9 @@ class SRT(nn.Module):
             with one kernel straight from the images (fastsrt.ops.patch_embed), runs the rest of the
             ViT from them (fastsrt.backbone_fused) and aggregates with the fused Triton kernel
             (fastsrt.ops.warp_aggregate); where the views cannot run so (not a timm
-            VisionTransformer/Eva, no Triton or GPU, a dtype the kernel does not write) they run
-            the reference path, and where the aggregation cannot the "chunked" one, each with one
-            warning. "chunked" makes the views as shifted images and aggregates with the
+            VisionTransformer/Eva, a patch embedding that is not a plain convolution, no Triton
+            or GPU, a dtype the kernel does not write) they run the reference path, and where the
+            aggregation cannot the "chunked" one, each with one warning. "chunked" makes the views as shifted images and aggregates with the
             memory-efficient torch path. "auto" is "fused" on CUDA, "chunked" elsewhere.
             ``run`` returns what ran (``SRTOutput.impl``).
         view_batch: images per backbone forward (views x batch), bounding memory; "auto" fits
