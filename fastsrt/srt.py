@@ -129,9 +129,9 @@ class SRT(nn.Module):
             (fastsrt.ops.warp_aggregate); where the views cannot run so (not a timm
             VisionTransformer/Eva, a patch embedding that is not a plain convolution, no Triton
             or GPU, a dtype the kernel does not write) they run the reference path, and where the
-            aggregation cannot the "chunked" one, each with one warning. "chunked" makes the views as shifted images and aggregates with the
-            memory-efficient torch path. "auto" is "fused" on CUDA, "chunked" elsewhere.
-            ``run`` returns what ran (``SRTOutput.impl``).
+            aggregation cannot the "chunked" one, each with one warning. "chunked" makes the views
+            as shifted images and aggregates with the memory-efficient torch path. "auto" is
+            "fused" on CUDA, "chunked" elsewhere. ``run`` returns what ran (``SRTOutput.impl``).
         view_batch: images per backbone forward (views x batch), bounding memory; "auto" fits
             the free GPU memory (measured on the first call per image size), 32 on CPU.
         dtype: None/float32, or bfloat16/float16 for mixed precision (autocast) in the backbone.
