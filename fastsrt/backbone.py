@@ -53,7 +53,7 @@ def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Mo
                 reason = (str(error).splitlines() or [type(error).__name__])[0][:100]
             else:
                 reason = "the Hugging Face hub cannot be reached and no cached copy exists"
-            warnings.warn(f"no pretrained weights for {name} ({reason}): using RANDOM weights")
+            warnings.warn(f"no pretrained weights for {name} ({reason}): using RANDOM weights", stacklevel=2)
             return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained not in (True, False):
         raise ValueError(f"pretrained={pretrained!r} is not one of True, False, 'auto'")
@@ -110,7 +110,7 @@ class TokenSource(nn.Module):
 
     Image sides that are not a multiple of the patch size raise a ValueError unless
     ``pad_to_patch=True``, which pads bottom and right with zeros (the mean colour of a
-    normalised image) to the next multiple.
+    normalised image) to the next multiple (``prepare``); ``crop`` cuts pixel outputs back.
     """
 
     def __init__(self, patch_size: int, in_chans: int, num_layers: int, num_prefix_tokens: int, pad_to_patch: bool):
@@ -130,7 +130,8 @@ class TokenSource(nn.Module):
         absolute = []
         for layer in requested:
             if isinstance(layer, bool) or not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:
-                raise ValueError(f"layer {layer!r} is not a block index of this model (an int from {-self.num_layers} to {self.num_layers - 1})")
+                raise ValueError(f"layer {layer!r} is not a block index of this model "
+                                 f"(an int from {-self.num_layers} to {self.num_layers - 1})")
             absolute.append(layer % self.num_layers)
         return absolute
 
@@ -149,6 +150,12 @@ class TokenSource(nn.Module):
         self.check_size_allowed(tuple(images.shape[-2:]))
         return images
 
+    @staticmethod
+    def crop(pixels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Pixel-resolution outputs (..., H', W') of a batch that ``prepare`` padded, cut back to
+        the input's size (height, width): the padding is bottom and right."""
+        return pixels[..., : size[0], : size[1]]
+
     def check_size_allowed(self, size: tuple[int, int]) -> None:
         """Raises if the model cannot take images of this (padded) size."""
 
@@ -161,12 +168,13 @@ class Backbone(TokenSource):
     ``model.forward_features`` (after the final norm), reshaped to (B, C, h, w).
     """
 
-    def __init__(self, model: nn.Module | str, pretrained: bool | str = True, pad_to_patch: bool = False, **timm_kwargs):
+    def __init__(self, model: nn.Module | str, pretrained: bool | str = True, pad_to_patch: bool = False,
+                 **timm_kwargs):
         if isinstance(model, str):
             model = load_timm_model(model, pretrained=pretrained, **timm_kwargs).eval()
         elif getattr(model, "training", False):
             warnings.warn(f"the {type(model).__name__} is in training mode (dropout and drop-path active); "
-                          "call model.eval() for features")
+                          "call model.eval() for features", stacklevel=2)
         if not all(hasattr(model, a) for a in ("forward_intermediates", "patch_embed", "blocks")):
             raise TypeError(
                 f"{type(model).__name__} is not a timm ViT (needs forward_intermediates, patch_embed and "
@@ -225,7 +233,8 @@ class CallableBackbone(TokenSource):
     """Any callable mapping images (N, 3, H, W) to token grids (N, C, H/p, W/p), e.g. a custom
     network or a synthetic test backbone. It has one "layer" (-1) and no prefix tokens."""
 
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], patch_size: int, in_chans: int = 3, pad_to_patch: bool = False):
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], patch_size: int, in_chans: int = 3,
+                 pad_to_patch: bool = False):
         if not callable(function):
             raise TypeError(f"function must be callable, got {type(function).__name__}")
         super().__init__(int(patch_size), in_chans, num_layers=1, num_prefix_tokens=0, pad_to_patch=pad_to_patch)
@@ -236,15 +245,18 @@ class CallableBackbone(TokenSource):
         images = self.prepare(images)
         tokens = self.function(images)
         expected = (images.shape[0], images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 4 or (tokens.shape[0], *tokens.shape[2:]) != expected:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 4 \
+                or (tokens.shape[0], *tokens.shape[2:]) != expected:
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"backbone callable must return (N, C, {expected[1]}, {expected[2]}) token grids, got {got}")
+            raise ValueError(f"backbone callable must return (N, C, {expected[1]}, {expected[2]}) token grids, "
+                             f"got {got}")
         count = 1 if isinstance(layers, int) else len(layers)
         prefix = [tokens.new_zeros(tokens.shape[0], 0, tokens.shape[1])] * count if return_prefix else None
         return BackboneOutput(tokens=[tokens] * count, prefix=prefix)
 
 
-def as_backbone(model, patch_size: int | None = None, pretrained: bool | str = True, pad_to_patch: bool = False) -> nn.Module:
+def as_backbone(model, patch_size: int | None = None, pretrained: bool | str = True,
+                pad_to_patch: bool = False) -> nn.Module:
     """A Backbone for a timm model or name, a CallableBackbone for a callable with ``patch_size``;
     fastsrt backbones are returned as they are."""
     if isinstance(model, TokenSource):

@@ -19,17 +19,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fastsrt.backbone import Backbone, BackboneOutput, Layers
 from fastsrt.checks import check_choice
-from fastsrt.ops._triton import warn_once
-from fastsrt.ops.patch_embed import (
-    fused_runnable,
-    plain_conv_weights,
-    shift_patch_embed_reference,
-    shift_patch_embed_triton,
-)
-from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
+from fastsrt.errors import warn_once
+from fastsrt.ops.patch_embed import ShiftPatchEmbedOutput, embed_views, token_layout
+from fastsrt.ops.shift import check_shifts_fit
+from fastsrt.options import DTYPE_NAMES, PADDINGS, torch_dtype
 
-DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the patch-embedding kernel writes
+DTYPES = (None, *(torch_dtype(name) for name in DTYPE_NAMES))  # None: no autocast, as float32
 DEFAULT_VIEW_BATCH = 32  # images per backbone call where no GPU memory can be measured
 
 
@@ -49,17 +44,25 @@ def fused_views_unsupported(backbone) -> str | None:
     model = backbone.model
     if not isinstance(model, (VisionTransformer, Eva)):
         return f"timm {type(model).__name__} is neither a VisionTransformer nor an Eva"
-    patch_embed = model.patch_embed
-    if not (getattr(patch_embed, "flatten", False) or getattr(patch_embed, "output_fmt", None) == "NHWC"):
-        return f"its patch embedding writes {getattr(patch_embed, 'output_fmt', '?')}, not tokens"
+    layout = token_layout(model.patch_embed)
+    if layout not in ("NLC", "NHWC"):
+        return f"its patch embedding writes {layout}, not tokens"
     return None
+
+
+@dataclass
+class FusedViewsOutput(BackboneOutput):
+    """The views' tokens (and prefix tokens), and what embedded their patches: "fused" (the
+    kernel), "reference" (its torch reference) or "patch_embed" (the model's own module)."""
+
+    embedding_impl: str = ""
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     images: torch.Tensor  # static input, copied into before each replay
-    output: BackboneOutput  # static outputs, cloned after each replay
+    output: FusedViewsOutput  # static outputs, cloned after each replay
 
 
 class FusedViews:
@@ -69,9 +72,13 @@ class FusedViews:
     compile: torch.compile the part after the patch embedding (blocks etc.) once per shape.
     cuda_graph: on CUDA, capture each (image shape, shifts, layers) call once as a CUDA graph and
     replay it (the shift kernel, positional embedding and blocks in one launch).
+    The patch embeddings come from the fused kernel where it can run, else from its torch reference
+    or, for embeddings that are not a plain convolution, the model's own patch_embed, with one
+    warning (fastsrt.ops.patch_embed); every call returns which ran.
     """
 
-    def __init__(self, backbone: Backbone, dtype: torch.dtype | None = None, compile: bool = False, cuda_graph: bool = False):
+    def __init__(self, backbone: Backbone, dtype: torch.dtype | None = None, compile: bool = False,
+                 cuda_graph: bool = False):
         reason = fused_views_unsupported(backbone)
         if reason is not None:
             raise TypeError(f"the fused view path cannot run this backbone: {reason}")
@@ -80,18 +87,12 @@ class FusedViews:
         self.model = backbone.model
         self.dtype = dtype
         self.cuda_graph = cuda_graph
-        reason = plain_conv_weights(self.model.patch_embed)
-        self.use_kernel = not isinstance(reason, str)
-        if not self.use_kernel:
-            warn_once(f"{type(self.model).__name__}: {reason}; the fused path embeds its shifted views with "
-                      "the model's own patch_embed instead of the fused kernel")
         self._rest = torch.compile(self._rest_of_vit, dynamic=False) if compile else self._rest_of_vit
         self._graphs: dict[tuple, _Graph] = {}
         self._graph_pool = None
-        self.embedding_used: str | None = None
 
     def __call__(self, images: torch.Tensor, shifts: Sequence[tuple[int, int]], padding: str = "zeros",
-                 layers: Layers = -1, return_prefix: bool = False) -> BackboneOutput:
+                 layers: Layers = -1, return_prefix: bool = False) -> FusedViewsOutput:
         """Tokens of the views: per layer (K*B, C, h, w), view-major (row k*B + b is image b shifted
         by shifts[k]), like ``backbone(shift_images(images, shifts, padding), layers)``."""
         images = self.backbone.prepare(images)
@@ -99,7 +100,7 @@ class FusedViews:
         check_shifts_fit(shifts, *images.shape[-2:])
         return self.run(images, shifts, padding, self.backbone.layer_indices(layers), return_prefix)
 
-    def run(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool) -> BackboneOutput:
+    def run(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool) -> FusedViewsOutput:
         """``__call__`` without its checks: patch-multiple images, shifts that fit, absolute layer
         indices. Replays a CUDA graph when asked for and possible."""
         shifts, layers = [tuple(pair) for pair in shifts], tuple(layers)
@@ -121,45 +122,35 @@ class FusedViews:
         return self.eager(images, shifts, padding, layers, return_prefix)
 
     def eager(self, images, shifts, padding, layers: Sequence[int], return_prefix: bool, shift_table=None,
-              compiled: bool = True) -> BackboneOutput:
+              compiled: bool = True) -> FusedViewsOutput:
         """The un-graphed path, inputs as for ``run``; ``compiled=False`` skips torch.compile (for
         one-off calls such as memory probes, which would otherwise each compile a new shape)."""
         rest = self._rest if compiled else self._rest_of_vit
         with precision(images.device, self.dtype):
-            embeddings = self.embed(images, shifts, padding, shift_table)
+            embeddings, embedding_impl = self.embed(images, shifts, padding, shift_table)
             grid_size = (images.shape[-2] // self.backbone.patch_size, images.shape[-1] // self.backbone.patch_size)
-            return rest(embeddings, grid_size, tuple(layers), return_prefix)
+            out = rest(embeddings, grid_size, tuple(layers), return_prefix)
+        return FusedViewsOutput(out.tokens, out.prefix, embedding_impl)
 
-    def embed(self, images, shifts, padding, shift_table=None) -> torch.Tensor:
-        """The patch embeddings of all views, in the layout ``model.patch_embed`` returns them.
-        ``embedding_used`` records how: "kernel", "torch" (the kernel's reference: no Triton or
-        GPU, or a dtype the kernel does not write) or "patch_embed" (the model's own)."""
-        if not self.use_kernel:
-            self.embedding_used = "patch_embed"
-            return self.model.patch_embed(shift_images(images, shifts, padding))
-        weight, bias = plain_conv_weights(self.model.patch_embed)  # looked up each call: follows .to()
-        out_dtype = self.dtype or images.dtype
-        patch = self.backbone.patch_size
-        if out_dtype not in KERNEL_DTYPES:
-            warn_once(f"the fused patch embedding writes float32, bfloat16 or float16, not {out_dtype}: "
-                      "running its torch reference")
-        if out_dtype in KERNEL_DTYPES and fused_runnable(images):
-            if shift_table is None:
-                shift_table = torch.tensor(shifts, dtype=torch.int32, device=images.device)
-            self.embedding_used = "kernel"
-            embeddings = shift_patch_embed_triton(images, shift_table, weight, bias, patch, padding, out_dtype)
-        else:
-            self.embedding_used = "torch"
-            embeddings = shift_patch_embed_reference(images, shifts, weight, bias, patch, padding, out_dtype)
-        return embeddings.flatten(1, 2) if self.model.patch_embed.flatten else embeddings
+    def embed(self, images, shifts, padding, shift_table=None) -> ShiftPatchEmbedOutput:
+        """The patch embeddings of all views, in the layout ``model.patch_embed`` returns them, and
+        the name of what computed them (fastsrt.ops.patch_embed chooses: the kernel where it can run)."""
+        patch_embed = self.model.patch_embed
+        embeddings, impl = embed_views(images, shifts, patch_embed, padding, self.dtype or images.dtype, "fused",
+                                       shift_table)
+        if token_layout(patch_embed) == "NLC":
+            embeddings = embeddings.flatten(1, 2)
+        return ShiftPatchEmbedOutput(embeddings, impl)
 
     def forward_embeddings(self, embeddings: torch.Tensor, grid_size: tuple[int, int], layers: Layers = -1,
                            return_prefix: bool = False) -> BackboneOutput:
         """The rest of the ViT from patch embeddings as ``model.patch_embed`` returns them
         ((N, h*w, D), or (N, h, w, D) for dynamic_img_size models); grid_size = (h, w)."""
-        return self._rest_of_vit(embeddings, tuple(grid_size), tuple(self.backbone.layer_indices(layers)), return_prefix)
+        layers = tuple(self.backbone.layer_indices(layers))
+        return self._rest_of_vit(embeddings, tuple(grid_size), layers, return_prefix)
 
-    def _rest_of_vit(self, x: torch.Tensor, grid_size: tuple[int, int], layers: tuple[int, ...], return_prefix: bool) -> BackboneOutput:
+    def _rest_of_vit(self, x: torch.Tensor, grid_size: tuple[int, int], layers: tuple[int, ...],
+                     return_prefix: bool) -> BackboneOutput:
         # mirrors timm's forward_intermediates(norm=True, stop_early=True) after its patch_embed call
         model = self.model
         taken = sorted(set(layers))
@@ -183,13 +174,14 @@ class FusedViews:
         return BackboneOutput(tokens=tokens, prefix=prefix)
 
     @staticmethod
-    def _replay(entry: _Graph, images: torch.Tensor) -> BackboneOutput:
+    def _replay(entry: _Graph, images: torch.Tensor) -> FusedViewsOutput:
         entry.images.copy_(images)
         entry.graph.replay()
         # the static outputs are overwritten by the next replay: hand out copies
-        return BackboneOutput(
+        return FusedViewsOutput(
             tokens=[t.clone() for t in entry.output.tokens],
             prefix=[p.clone() for p in entry.output.prefix] if entry.output.prefix is not None else None,
+            embedding_impl=entry.output.embedding_impl,
         )
 
     def _capture(self, images, shifts, padding, layers, return_prefix) -> _Graph:

@@ -8,8 +8,8 @@ name and cannot run. ``choose`` picks one:
 - ``impl="auto"``: the first implementation, in the op's order of preference, that ``auto``
   considers on the inputs' device and that states no reason. A preferred one that is skipped for
   a reason (Triton missing on a GPU, say) is named in one warning.
-- a name: that implementation; when it cannot run, its ``fallback`` with one warning, or
-  ``Unavailable`` with its reasons.
+- a name: that implementation; when it cannot run, the first in its chain of ``fallback``s that
+  can, with one warning, or ``Unavailable`` with the reasons.
 - none can run: ``Unavailable`` listing every implementation's reasons.
 
 The op then calls the chosen implementation and returns, with its result, the name of what ran.
@@ -54,14 +54,15 @@ def choose(op: str, implementations: Sequence[Implementation], impl: str, device
     if impl != "auto" and impl not in by_name:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(repr(n) for n in names(implementations))}")
     if impl != "auto":
-        wanted = by_name[impl]
-        reasons = wanted.not_supported_reasons(*args, **kwargs)
-        if not reasons:
-            return wanted
-        if wanted.fallback is None:
-            raise Unavailable(f"{op}: impl={impl!r} cannot run here: {'; '.join(reasons)}")
-        warn_once(f"{'; '.join(reasons)}: {op} falls back to {wanted.fallback!r} instead of {impl!r}", stacklevel=4)
-        return choose(op, implementations, wanted.fallback, device_type, *args, **kwargs)
+        chosen, reasons = by_name[impl], []
+        while why := chosen.not_supported_reasons(*args, **kwargs):  # follow the fallbacks to one that can run
+            reasons += [reason for reason in why if reason not in reasons]
+            if chosen.fallback is None:
+                raise Unavailable(f"{op}: impl={impl!r} cannot run here: {'; '.join(reasons)}")
+            chosen = by_name[chosen.fallback]
+        if chosen.name != impl:
+            warn_once(f"{'; '.join(reasons)}: {op} falls back to {chosen.name!r} instead of {impl!r}", stacklevel=4)
+        return chosen
     every_reason, skipped = [], []
     for implementation in implementations:
         if device_type not in implementation.auto_devices:

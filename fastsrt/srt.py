@@ -1,17 +1,19 @@
 """SRT, the Stochastic Resonance Transformer (Lao et al., ICML 2024).
 
 Run the ViT on sub-token-shifted copies of the image, upsample each view's token grid to pixels,
-undo the shift, and aggregate over views into a pixel-resolution feature field.
+undo the shift, and aggregate over views into a pixel-resolution feature field (docs/method.md,
+"SRT").
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from fastsrt.backbone import Layers, as_backbone
+from fastsrt.backbone import BackboneOutput, Layers, as_backbone
 from fastsrt.backbone_fused import (
     DTYPES,
     FusedViews,
@@ -20,17 +22,14 @@ from fastsrt.backbone_fused import (
     precision,
 )
 from fastsrt.checks import check_choice
-from fastsrt.ops import _triton
-from fastsrt.ops._triton import warn_once
-from fastsrt.ops.shift import PADDINGS, check_shifts_fit, shift_images
-from fastsrt.ops.warp_aggregate import (
-    IMPLS,
-    OUTPUTS,
-    REDUCES,
-    UPSAMPLES,
-    warp_aggregate,
-)
+from fastsrt.dispatch import Implementation, choose
+from fastsrt.ops.patch_embed import FUSED_KERNEL
+from fastsrt.ops.shift import check_shifts_fit, shift_images
+from fastsrt.ops.warp_aggregate import warp_aggregate
+from fastsrt.options import OUTPUTS, PADDINGS, REDUCES, SRT_IMPLS, UPSAMPLES
 from fastsrt.views import as_shifts
+
+TokenTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -57,6 +56,57 @@ class SRTOutput:
         return f"{self.views_impl} views + {self.aggregation_impl} aggregation"
 
 
+class ViewTokens(NamedTuple):
+    """tokens: per layer (K, B, C, h, w); prefix: per layer (K, B, P, C) when asked for, else
+    empty; impl: what made them ("fused" or "reference")."""
+
+    tokens: list[torch.Tensor]
+    prefix: list[torch.Tensor]
+    impl: str
+
+
+class ReferenceViews(Implementation):
+    """The views as shifted images through the backbone."""
+
+    name = "reference"
+
+    def __init__(self, backbone: nn.Module, padding: str, dtype: torch.dtype | None):
+        self.backbone, self.padding, self.dtype = backbone, padding, dtype
+
+    def __call__(self, images, shifts, layers, prefix, probe=False) -> BackboneOutput:
+        with precision(images.device, self.dtype):
+            return self.backbone(shift_images(images, shifts, self.padding), layers, return_prefix=prefix)
+
+
+class FusedEmbeddingViews(Implementation):
+    """The views' patch embeddings from the fused kernel, the rest of the ViT through timm's own
+    modules (fastsrt.backbone_fused.FusedViews, made on first use)."""
+
+    name = "fused"
+    auto_devices = frozenset({"cuda"})
+    fallback = "reference"
+
+    def __init__(self, backbone: nn.Module, padding: str, dtype: torch.dtype | None, compile: bool, cuda_graph: bool):
+        self.backbone, self.padding, self.dtype = backbone, padding, dtype
+        self.compile, self.cuda_graph = compile, cuda_graph
+        self.fused_views: FusedViews | None = None
+
+    def not_supported_reasons(self, images, shifts, layers, prefix, probe=False) -> list[str]:
+        unsupported = fused_views_unsupported(self.backbone)
+        if unsupported is not None:
+            return [unsupported]
+        return FUSED_KERNEL.not_supported_reasons(images, shifts, self.backbone.model.patch_embed, self.padding,
+                                                  self.dtype or images.dtype)
+
+    def __call__(self, images, shifts, layers, prefix, probe=False) -> BackboneOutput:
+        """probe: a one-off call (measuring memory), without CUDA graph or compiling a new shape."""
+        if self.fused_views is None:
+            self.fused_views = FusedViews(self.backbone, self.dtype, self.compile, self.cuda_graph)
+        if probe:
+            return self.fused_views.eager(images, shifts, self.padding, layers, prefix, compiled=False)
+        return self.fused_views.run(images, shifts, self.padding, layers, prefix)
+
+
 class SRT(nn.Module):
     """Stochastic Resonance Transformer around a backbone.
 
@@ -76,11 +126,12 @@ class SRT(nn.Module):
         impl: "auto", "reference", "fused" or "chunked". "fused" makes the views' patch embeddings
             with one kernel straight from the images (fastsrt.ops.patch_embed), runs the rest of the
             ViT from them (fastsrt.backbone_fused) and aggregates with the fused Triton kernel
-            (fastsrt.ops.warp_aggregate); backbones it cannot run (not a timm VisionTransformer/Eva)
-            use the reference views, and a missing Triton/GPU the "chunked" aggregation, each with
-            one warning. "chunked" makes the views as shifted images and aggregates with the
-            memory-efficient torch path. "auto" is "fused" on CUDA, "chunked" elsewhere.
-            ``views_used``, ``aggregation_used`` and ``impl_used`` say what ran.
+            (fastsrt.ops.warp_aggregate); where the views cannot run so (not a timm
+            VisionTransformer/Eva, a patch embedding that is not a plain convolution, no Triton
+            or GPU, a dtype the kernel does not write) they run the reference path, and where the
+            aggregation cannot the "chunked" one, each with one warning. "chunked" makes the views
+            as shifted images and aggregates with the memory-efficient torch path. "auto" is
+            "fused" on CUDA, "chunked" elsewhere. ``run`` returns what ran (``SRTOutput.impl``).
         view_batch: images per backbone forward (views x batch), bounding memory; "auto" fits
             the free GPU memory (measured on the first call per image size), 32 on CPU.
         dtype: None/float32, or bfloat16/float16 for mixed precision (autocast) in the backbone.
@@ -88,6 +139,12 @@ class SRT(nn.Module):
         cuda_graph: capture the fused path's backbone calls as CUDA graphs (fixed shapes, CUDA).
         pad_to_patch: pad image sides to a multiple of the patch instead of raising; pixel
             output is cropped back to the input size.
+        token_transform: None, or a callable (an nn.Module is registered as a submodule, so that
+            ``.to()`` moves it) applied to the views' token grids before the aggregation: each
+            backbone call's chunk of views, per layer, (N, C, h, w) -> (N, C', h, w) with N = views
+            in the chunk x batch (view-major). It sees the grids as the backbone gives them (in
+            ``dtype`` under mixed precision), not the prefix tokens. E.g. a DVT denoiser
+            (fastsrt.DVT with ``shifts``: every view denoised, then aggregated).
     """
 
     def __init__(
@@ -108,16 +165,19 @@ class SRT(nn.Module):
         dtype: torch.dtype | None = None,
         compile: bool = False,
         cuda_graph: bool = False,
+        token_transform: TokenTransform | None = None,
     ):
         super().__init__()
         check_choice("upsample", upsample, UPSAMPLES)
         check_choice("padding", padding, PADDINGS)
         check_choice("reduce", reduce, REDUCES)
         check_choice("output", output, OUTPUTS)
-        check_choice("impl", impl, IMPLS)
+        check_choice("impl", impl, SRT_IMPLS)
         check_choice("dtype", dtype, DTYPES)
         if view_batch != "auto" and (isinstance(view_batch, bool) or not isinstance(view_batch, int) or view_batch < 1):
             raise ValueError(f"view_batch must be an int >= 1 or 'auto', got {view_batch!r}")
+        if token_transform is not None and not callable(token_transform):
+            raise TypeError(f"token_transform must be callable, got {type(token_transform).__name__}")
         self.backbone = as_backbone(model, patch_size=patch_size, pretrained=pretrained, pad_to_patch=pad_to_patch)
         self.layers = self.backbone.layer_indices(layer)  # validates
         self.layer = layer
@@ -126,22 +186,16 @@ class SRT(nn.Module):
         self.ignore_padding, self.output, self.impl = ignore_padding, output, impl
         self.view_batch = view_batch
         self.dtype = dtype
-        self.views_used: str | None = None
-        self.aggregation_used: str | None = None
         self.compile, self.cuda_graph = compile, cuda_graph
-        self.fused_views: FusedViews | None = None  # made on first use
+        self.token_transform = token_transform
+        # the two ways of making the views, in order of preference for impl="auto"
+        self.view_paths = (FusedEmbeddingViews(self.backbone, padding, dtype, compile, cuda_graph),
+                           ReferenceViews(self.backbone, padding, dtype))
         self._auto_view_batch: dict[tuple, int] = {}
 
     @property
     def patch_size(self) -> int:
         return self.backbone.patch_size
-
-    @property
-    def impl_used(self) -> str | None:
-        """What the last call ran: one name where views and aggregation agree, else both."""
-        if self.views_used == self.aggregation_used:
-            return self.views_used
-        return f"{self.views_used} views + {self.aggregation_used} aggregation"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.run(images).features
@@ -149,21 +203,21 @@ class SRT(nn.Module):
     @torch.no_grad()
     def run(self, images: torch.Tensor, std: bool = False, prefix: bool = False) -> SRTOutput:
         """The SRT features of a batch of normalised images (B, 3, H, W), optionally with the
-        per-pixel standard deviation across views and the view-averaged prefix tokens.
-        Runs without gradients."""
+        per-pixel standard deviation across views and the view-averaged prefix tokens, and what
+        ran. Runs without gradients."""
         padded = self.backbone.prepare(images)  # validates images
-        height, width = images.shape[-2:]
-        check_shifts_fit(self.shifts, height, width)
-        tokens, prefixes = self.view_tokens(padded, prefix)
+        size = images.shape[-2:]
+        check_shifts_fit(self.shifts, *size)
+        views = self.view_tokens(padded, prefix)
         features, stds = [], []
-        for layer_tokens in tokens:
-            aggregate, deviation, self.aggregation_used = warp_aggregate(
+        for layer_tokens in views.tokens:
+            aggregate, deviation, aggregation_impl = warp_aggregate(
                 layer_tokens, self.shifts, self.patch_size, self.upsample, self.reduce,
                 self.ignore_padding, self.output, return_std=std, impl=self.impl,
             )
             if self.output == "pixel":  # drop the padding of pad_to_patch
-                aggregate = aggregate[..., :height, :width]
-                deviation = deviation[..., :height, :width] if std else None
+                aggregate = self.backbone.crop(aggregate, size)
+                deviation = self.backbone.crop(deviation, size) if std else None
             features.append(aggregate)
             stds.append(deviation)
         single = not isinstance(self.layer, (list, tuple))
@@ -171,30 +225,24 @@ class SRT(nn.Module):
         return SRTOutput(
             features=pick(features),
             std=pick(stds) if std else None,
-            prefix=pick([p.mean(0) for p in prefixes]) if prefix else None,
-            views_impl=self.views_used,
-            aggregation_impl=self.aggregation_used,
+            prefix=pick([p.mean(0) for p in views.prefix]) if prefix else None,
+            views_impl=views.impl,
+            aggregation_impl=aggregation_impl,
         )
 
-    def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Backbone tokens of every view: per layer (K, B, C, h, w), and the prefix tokens per layer
-        (K, B, P, C) when asked for. Views go through the backbone ``view_batch`` images at a time,
-        by the fused path (``impl``) or as shifted images; ``views_used`` records which ("fused"
-        only where the patch-embedding kernel ran)."""
-        fused = self._use_fused_views(images)
-
-        def run_views(shifts: list[tuple[int, int]]):
-            if fused:
-                return self.fused_views.run(images, shifts, self.padding, self.layers, prefix)
-            with precision(images.device, self.dtype):
-                return self.backbone(shift_images(images, shifts, self.padding), self.layers, return_prefix=prefix)
-
+    def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> ViewTokens:
+        """Backbone tokens of every view of a batch (sides a multiple of the patch), after
+        ``token_transform``. Views go through the backbone ``view_batch`` images at a time, by
+        the fused path or as shifted images (``impl``; fastsrt.dispatch chooses)."""
+        paths_impl = "reference" if self.impl == "chunked" else self.impl
+        path = choose("SRT views", self.view_paths, paths_impl, images.device.type, images, self.shifts,
+                      self.layers, prefix)
         views, batch = len(self.shifts), images.shape[0]
-        views_per_call = max(1, self._view_batch(images, prefix, fused) // batch)
+        views_per_call = max(1, self._view_batch(images, prefix, path) // batch)
         tokens, prefixes = [], []  # per layer (K, B, ...), filled chunk by chunk: no second copy
         for start in range(0, views, views_per_call):
             shifts = self.shifts[start : start + views_per_call]
-            out = run_views(shifts)
+            out = self._views(path, images, shifts, prefix)
             for i, layer_tokens in enumerate(out.tokens):
                 chunk = layer_tokens.unflatten(0, (len(shifts), batch))
                 if start == 0:
@@ -205,39 +253,36 @@ class SRT(nn.Module):
                     if start == 0:
                         prefixes.append(chunk.new_empty((views, *chunk.shape[1:])))
                     prefixes[i][start : start + len(shifts)] = chunk
-        kernel_ran = fused and self.fused_views.embedding_used == "kernel"
-        self.views_used = "fused" if kernel_ran else "reference"
-        return tokens, prefixes
+        return ViewTokens(tokens, prefixes, path.name)
 
-    def _use_fused_views(self, images: torch.Tensor) -> bool:
-        if self.impl in ("reference", "chunked") or (self.impl == "auto" and not (images.is_cuda and _triton.load() is not None)):
-            return False
-        if self.fused_views is None:
-            unsupported = fused_views_unsupported(self.backbone)
-            if unsupported:
-                if self.impl == "fused":
-                    warn_once(f"impl='fused': {unsupported}; its views run the reference path")
-                return False
-            self.fused_views = FusedViews(self.backbone, self.dtype, self.compile, self.cuda_graph)
-        return True
+    def _views(self, path: Implementation, images, shifts, prefix: bool, probe: bool = False) -> BackboneOutput:
+        """One backbone call's views by ``path``, their token grids through ``token_transform``."""
+        out = path(images, shifts, self.layers, prefix, probe)
+        if self.token_transform is None:
+            return out
+        return BackboneOutput([self._transform(grids) for grids in out.tokens], out.prefix)
 
-    def _view_batch(self, images: torch.Tensor, prefix: bool, fused: bool) -> int:
+    def _transform(self, grids: torch.Tensor) -> torch.Tensor:
+        out = self.token_transform(grids)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != grids.shape[0] \
+                or out.shape[-2:] != grids.shape[-2:]:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"token_transform must map token grids {tuple(grids.shape)} to (N, C, h, w) grids "
+                             f"of the same N, h, w, got {got}")
+        return out
+
+    def _view_batch(self, images: torch.Tensor, prefix: bool, path: Implementation) -> int:
         """``view_batch``, or for "auto" the images per call that fit the free GPU memory (measured
         once per image shape, dtype and path)."""
         if self.view_batch != "auto":
             return self.view_batch
-        key = (tuple(images.shape), images.dtype, images.device, fused, prefix)
+        key = (tuple(images.shape), images.dtype, images.device, path.name, prefix)
         if key not in self._auto_view_batch:
-            if fused:
-                probe = lambda n: self.fused_views.eager(images, self.shifts[:n], self.padding, self.layers, prefix,  # noqa: E731
-                                                         compiled=False)
-            else:
-                probe = lambda n: self.backbone(shift_images(images, self.shifts[:n], self.padding), self.layers, prefix)  # noqa: E731
             h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
             channels = getattr(self.backbone, "embed_dim", 1024)  # a callable's width is unknown: a generous guess
             kept = 4 * len(self.layers) * channels * (h * w + self.backbone.num_prefix_tokens)  # float32 token grids
-            with precision(images.device, self.dtype):
-                copies = 2 if fused and self.cuda_graph else 1
-                self._auto_view_batch[key] = auto_view_batch(probe, len(self.shifts), images.shape[0], kept,
-                                                             images.device, activation_copies=copies)
+            copies = 2 if path.name == "fused" and self.cuda_graph else 1
+            self._auto_view_batch[key] = auto_view_batch(
+                lambda n: self._views(path, images, self.shifts[:n], prefix, probe=True), len(self.shifts),
+                images.shape[0], kept, images.device, activation_copies=copies)
         return self._auto_view_batch[key]

@@ -53,6 +53,16 @@ def test_size_not_a_multiple_of_the_patch_raises_or_pads():
     torch.testing.assert_close(padded, expected, rtol=0, atol=0)
 
 
+def test_crop_undoes_the_padding_of_prepare():
+    backbone = Backbone(tiny_vit(), pad_to_patch=True)
+    images = torch.randn(2, 3, 30, 40)
+    padded = backbone.prepare(images)
+    assert padded.shape == (2, 3, 42, 42) and padded[..., 30:, :].abs().max() == 0 and padded[..., 40:].abs().max() == 0
+    torch.testing.assert_close(backbone.crop(padded, images.shape[-2:]), images, rtol=0, atol=0)
+    pixels = torch.randn(2, 5, 42, 42)  # any channel count: features, std maps
+    assert torch.equal(backbone.crop(pixels, (30, 40)), pixels[:, :, :30, :40])
+
+
 def test_fixed_size_model_names_its_size():
     model = tiny_vit(dynamic_img_size=False, img_size=56)
     backbone = Backbone(model)

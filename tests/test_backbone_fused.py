@@ -4,10 +4,11 @@ import warnings
 
 import pytest
 import torch
-from utils import rel_err, requires_cuda, tiny_vit
 from torch import nn
+from utils import rel_err, requires_cuda, tiny_vit
 
 import fastsrt
+from fastsrt import errors
 from fastsrt.backbone import Backbone, CallableBackbone
 from fastsrt.backbone_fused import (
     DEFAULT_VIEW_BATCH,
@@ -15,7 +16,6 @@ from fastsrt.backbone_fused import (
     auto_view_batch,
     fused_views_unsupported,
 )
-from fastsrt.ops import _triton
 from fastsrt.ops.shift import shift_images
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,7 +55,8 @@ def test_forward_embeddings_equals_backbone_forward(key):
     grid = (views.shape[-2] // backbone.patch_size, views.shape[-1] // backbone.patch_size)
     with torch.no_grad():
         expected = backbone(views, [-1, 0], return_prefix=True)
-        got = FusedViews(backbone).forward_embeddings(backbone.model.patch_embed(views), grid, [-1, 0], return_prefix=True)
+        embeddings = backbone.model.patch_embed(views)
+        got = FusedViews(backbone).forward_embeddings(embeddings, grid, [-1, 0], return_prefix=True)
     assert_outputs_close(got, expected, 1e-6)
 
 
@@ -66,20 +67,23 @@ def test_fused_views_equal_backbone_on_shifted_images(key, padding):
     with torch.no_grad():
         expected = backbone(shift_images(images, SHIFTS, padding), [0, -1, 0], return_prefix=True)
         got = FusedViews(backbone)(images, SHIFTS, padding, [0, -1, 0], return_prefix=True)
+    assert got.embedding_impl == "fused"  # the kernel: on CUDA, or here under TRITON_INTERPRET=1
     assert_outputs_close(got, expected, 1e-5)
 
 
 def test_non_plain_patch_embedding_falls_back_to_the_model_with_one_notice(monkeypatch):
-    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     backbone, images = backbone_and_images("dinov2")
     backbone.model.patch_embed.norm = nn.LayerNorm(backbone.embed_dim)
-    with pytest.warns(UserWarning, match="LayerNorm after the projection"):
-        fused = FusedViews(backbone)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = fused(images, SHIFTS, "zeros", -1)
+    fused = FusedViews(backbone)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="LayerNorm after the projection.*falls back to 'patch_embed'"):
+            first = fused(images, SHIFTS, "zeros", -1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = fused(images, SHIFTS, "zeros", -1)
         expected = backbone(shift_images(images, SHIFTS, "zeros"), -1)
-    assert not fused.use_kernel
+    assert first.embedding_impl == got.embedding_impl == "patch_embed"
     assert rel_err(got.tokens[0], expected.tokens[0]) <= 1e-6
 
 
@@ -102,7 +106,7 @@ def test_srt_fused_equals_reference(reduce):
     reference = fastsrt.SRT(model, impl="reference", **common).run(images, std=True, prefix=True)
     srt = fastsrt.SRT(model, impl="fused", view_batch=4, **common)  # two views per call: three calls
     fused = srt.run(images, std=True, prefix=True)
-    assert srt.impl_used == "fused"
+    assert fused.impl == "fused" and reference.impl == "reference"
     for name in ("features", "std", "prefix"):
         for got, expected in zip(getattr(fused, name), getattr(reference, name)):
             assert got.shape == expected.shape
@@ -115,36 +119,51 @@ def test_srt_bfloat16_fused_close_to_bfloat16_reference_and_float32():
     images = torch.randn(1, 3, 28, 42, device=DEVICE)
     exact = fastsrt.SRT(model, shifts=1, impl="reference")(images)
     reference = fastsrt.SRT(model, shifts=1, impl="reference", dtype=torch.bfloat16)(images)
-    fused = fastsrt.SRT(model, shifts=1, impl="fused", dtype=torch.bfloat16)(images)
+    out = fastsrt.SRT(model, shifts=1, impl="fused", dtype=torch.bfloat16).run(images)
+    fused = out.features
+    assert out.views_impl == "fused"  # the kernel wrote the bfloat16 embeddings
     assert rel_err(fused, reference) <= 1e-2
     assert rel_err(fused, exact) <= 1e-2
 
 
 def test_srt_fused_on_a_callable_backbone_warns_once_and_runs_the_reference(monkeypatch):
-    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     srt = fastsrt.SRT(lambda x: x[:, :, ::14, ::14] * 2, patch_size=14, shifts=1, impl="fused")
     images = torch.randn(1, 3, 28, 28)
     with pytest.warns(UserWarning, match="CallableBackbone is not a timm ViT"):
-        srt(images)
-    assert srt.views_used == "reference"
+        out = srt.run(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = srt.run(images)
+    assert out.views_impl == again.views_impl == "reference"
 
 
-def test_srt_fused_in_float64_runs_the_torch_embedding_and_says_so(monkeypatch):
-    monkeypatch.setattr(_triton, "_warned", set())
+def test_srt_fused_in_float64_runs_the_reference_views_and_says_so(monkeypatch):
+    monkeypatch.setattr(errors, "_warned", set())
     model = tiny_vit("vit_small_patch14_dinov2").to(DEVICE).double()
     images = torch.randn(1, 3, 28, 42, device=DEVICE, dtype=torch.float64)
     srt = fastsrt.SRT(model, shifts=1, impl="fused")
-    with pytest.warns(UserWarning, match="not torch.float64"):
-        fused = srt(images)
-    assert srt.views_used == "reference" and fused.dtype == torch.float64
-    assert rel_err(fused, fastsrt.SRT(model, shifts=1, impl="reference")(images)) <= 1e-12
+    with pytest.warns(UserWarning, match="not torch.float64: SRT views falls back to 'reference'"):
+        out = srt.run(images)
+    assert out.views_impl == "reference" and out.features.dtype == torch.float64
+    assert rel_err(out.features, fastsrt.SRT(model, shifts=1, impl="reference")(images)) <= 1e-12
+
+
+def test_fused_views_in_float64_run_the_torch_embedding_and_say_so(monkeypatch):
+    monkeypatch.setattr(errors, "_warned", set())
+    backbone, images = backbone_and_images("dinov2")
+    backbone, images = backbone.double(), images.double()
+    with torch.no_grad(), pytest.warns(UserWarning, match="not torch.float64"):
+        got = FusedViews(backbone)(images, SHIFTS, "replicate", -1)
+    expected = backbone(shift_images(images, SHIFTS, "replicate"), -1)
+    assert got.embedding_impl == "reference"
+    assert rel_err(got.tokens[0], expected.tokens[0]) <= 1e-12
 
 
 def test_srt_auto_picks_fused_on_cuda_only_and_new_options_are_checked():
     model = tiny_vit("vit_small_patch14_dinov2")
     srt = fastsrt.SRT(model, shifts=1)
-    srt(torch.randn(1, 3, 28, 28))
-    assert srt.impl_used == "reference views + chunked aggregation"  # a CPU tensor
+    assert srt.run(torch.randn(1, 3, 28, 28)).impl == "reference views + chunked aggregation"  # a CPU tensor
     with pytest.raises(ValueError, match="dtype=torch.float64"):
         fastsrt.SRT(model, dtype=torch.float64)
     for bad in (0, "many", 2.0, True):
@@ -153,7 +172,8 @@ def test_srt_auto_picks_fused_on_cuda_only_and_new_options_are_checked():
 
 
 def test_auto_view_batch_is_the_fixed_default_on_cpu():
-    assert auto_view_batch(lambda n: None, views=50, batch=2, kept_bytes_per_image=1, device=torch.device("cpu")) == DEFAULT_VIEW_BATCH
+    views = auto_view_batch(lambda n: None, views=50, batch=2, kept_bytes_per_image=1, device=torch.device("cpu"))
+    assert views == DEFAULT_VIEW_BATCH
 
 
 def test_compiled_fused_views_equal_backbone():
@@ -174,6 +194,7 @@ def test_cuda_graph_replays_equal_eager_for_new_images_and_auto_view_batch_fits(
             images = torch.randn_like(images)
             got = fused(images, SHIFTS, "zeros", [-1, 0], return_prefix=True)
             expected = backbone(shift_images(images, SHIFTS, "zeros"), [-1, 0], return_prefix=True)
+            assert got.embedding_impl == "fused"
             assert_outputs_close(got, expected, 1e-5)
         views = auto_view_batch(lambda n: fused.eager(images, SHIFTS[:n], "zeros", (1,), False), len(SHIFTS), 2,
                                 1024, images.device)
@@ -186,5 +207,7 @@ def test_srt_fused_bfloat16_with_cuda_graph_close_to_reference_on_cuda():
     images = torch.randn(2, 3, 42, 56, device="cuda")
     reference = fastsrt.SRT(model, shifts=1, impl="reference")(images)
     srt = fastsrt.SRT(model, shifts=1, dtype=torch.bfloat16, cuda_graph=True)
-    assert rel_err(srt(images), reference) <= 1e-2
-    assert srt.impl_used == "fused"
+    for _ in range(2):  # captures, then replays
+        out = srt.run(images)
+        assert rel_err(out.features, reference) <= 1e-2
+        assert out.impl == "fused"

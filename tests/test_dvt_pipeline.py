@@ -70,6 +70,27 @@ def test_with_srt_denoises_each_view_then_aggregates(model, denoiser):
     assert rel_err(identity_twice, fastsrt.DVT(model, denoiser)(images)) <= 1e-5
 
 
+def test_with_srt_pixel_median_on_a_padded_image_equals_denoising_each_view_then_aggregating(model, denoiser):
+    """Pixel output of an image padded to the patch: each view denoised, warp-aggregated with the
+    median at pixel resolution, then cropped back."""
+    images = torch.randn(1, 3, 40, 50)
+    shifts = [(0, 0), (2, 5), (-6, -1), (4, -3)]
+    dvt = fastsrt.DVT(model, denoiser, shifts=shifts, output="pixel", reduce="median", padding="replicate",
+                      pad_to_patch=True, view_batch=1)
+    padded = F.pad(images, (0, 6, 0, 2))  # 42 x 56
+    views = []
+    for dy, dx in shifts:  # replicate fill, written out: the source index clamped into the image
+        rows = (torch.arange(42) - dy).clamp(0, 41)
+        cols = (torch.arange(56) - dx).clamp(0, 55)
+        with torch.no_grad():
+            views.append(denoiser(raw_tokens(model, padded[..., rows[:, None], cols[None, :]])))
+    expected, _ = warp_aggregate_reference(torch.stack(views), shifts, 14, reduce="median", output="pixel")
+    got = dvt(images)
+    assert got.shape == (1, 128, 40, 50)
+    assert rel_err(got, expected[..., :40, :50]) <= 1e-5
+    assert dvt.srt.token_transform is denoiser  # DVT is SRT with the denoiser as its hook
+
+
 def test_denoiser_of_another_backbone_is_refused(model, denoiser, tmp_path):
     with pytest.raises(ValueError, match="128-channel tokens but"):
         fastsrt.DVT(tiny_vit(embed_dim=64), denoiser)

@@ -1,17 +1,19 @@
 """The fused shift + patchify + patch-embedding kernel (Triton; TRITON_INTERPRET=1 without a GPU)
 against timm's own patch_embed on explicitly shifted images."""
 import os
+import re
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from utils import rel_err, tiny_vit
 from timm.layers import PatchEmbed
 from torch import nn
+from utils import rel_err, tiny_vit
 
-from fastsrt.ops import _triton
+from fastsrt import errors
+from fastsrt.errors import Unavailable
 from fastsrt.ops import patch_embed as pe
 from fastsrt.ops.shift import shift_images
 
@@ -69,9 +71,9 @@ def test_reference_is_the_conv_on_shifted_images_in_float64(padding):
     model, images = model_and_images(14, grid=(2, 3))
     proj = model.patch_embed.proj.double()
     images = images.double()
-    got = pe.shift_patch_embed(images, SHIFTS, proj.weight, proj.bias, 14, padding, impl="reference")
+    got, impl = pe.shift_patch_embed(images, SHIFTS, proj.weight, proj.bias, 14, padding, impl="reference")
     expected = proj(shift_images(images, SHIFTS, padding)).permute(0, 2, 3, 1)
-    assert got.dtype == torch.float64
+    assert got.dtype == torch.float64 and impl == "reference"
     assert rel_err(got, expected) <= 1e-12
 
 
@@ -83,20 +85,67 @@ def test_dispatcher_fused_equals_reference_without_bias_and_on_one_tiny_image():
     for padding in ("zeros", "replicate", "reflect"):
         fused = pe.shift_patch_embed(images, shifts, weight, None, 14, padding, impl="fused")
         reference = pe.shift_patch_embed(images, shifts, weight, None, 14, padding, impl="reference")
-        assert rel_err(fused, reference) <= 1e-5
+        assert (fused.impl, reference.impl) == ("fused", "reference")
+        assert rel_err(fused.embeddings, reference.embeddings) <= 1e-5
+
+
+def test_auto_runs_the_kernel_on_cuda_only():
+    torch.manual_seed(0)
+    images, weight = torch.randn(1, 3, 28, 28, device=DEVICE), torch.randn(8, 3, 14, 14, device=DEVICE)
+    expected = "fused" if DEVICE == "cuda" else "reference"
+    assert pe.shift_patch_embed(images, [(1, 2)], weight, None, 14).impl == expected
 
 
 def test_fused_without_a_runnable_device_warns_once_and_uses_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     torch.manual_seed(0)
     images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
-    with pytest.warns(UserWarning, match="need CUDA tensors.*runs as its torch reference"):
+    with pytest.warns(UserWarning, match="need CUDA tensors.*falls back to 'reference' instead of 'fused'"):
         first = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
         second = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused")
-    assert torch.equal(first, second)
+    assert first.impl == second.impl == "reference"
+    assert torch.equal(first.embeddings, second.embeddings)
+
+
+def test_a_dtype_the_kernel_does_not_write_runs_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(errors, "_warned", set())
+    images, weight = torch.randn(1, 3, 28, 28, device=DEVICE), torch.randn(8, 3, 14, 14, device=DEVICE)
+    with pytest.warns(UserWarning, match="not torch.float64: shift_patch_embed falls back to 'reference'"):
+        got = pe.shift_patch_embed(images, [(1, 2)], weight, None, 14, impl="fused", out_dtype=torch.float64)
+    assert got.impl == "reference" and got.embeddings.dtype == torch.float64
+
+
+def test_a_patch_embedding_that_is_not_a_plain_conv_runs_the_model_module_with_one_warning(monkeypatch):
+    """Asked for the kernel, a PatchEmbed with a norm runs itself on the shifted views: the kernel and
+    its reference cannot, and one warning names what runs instead."""
+    monkeypatch.setattr(errors, "_warned", set())
+    torch.manual_seed(0)
+    module = PatchEmbed(img_size=28, patch_size=14, in_chans=3, embed_dim=8, norm_layer=nn.LayerNorm,
+                        strict_img_size=False).to(DEVICE)
+    images = torch.randn(2, 3, 28, 42, device=DEVICE)
+    with pytest.warns(UserWarning) as caught, torch.no_grad():
+        got, impl = pe.embed_views(images, SHIFTS, module, "reflect", torch.float32, impl="fused")
+    assert len(caught) == 1
+    expected = "LayerNorm after the projection.*falls back to 'patch_embed' instead of 'fused'"
+    assert re.search(expected, str(caught[0].message))
+    with torch.no_grad():
+        expected = module(shift_images(images, SHIFTS, "reflect")).unflatten(1, (2, 3))  # flattened (N, L, D)
+    assert impl == "patch_embed" and got.shape == (len(SHIFTS) * 2, 2, 3, 8)
+    assert rel_err(got, expected) <= 1e-6
+    with pytest.raises(Unavailable, match="no patch_embed module"):
+        pe.shift_patch_embed(images, SHIFTS[:1], module.proj.weight, None, 14, impl="patch_embed")
+
+
+def test_a_plain_timm_patch_embed_module_runs_the_kernel_with_its_own_weights():
+    model, images = model_and_images(14, grid=(2, 3))
+    with torch.no_grad():
+        got, impl = pe.embed_views(images, SHIFTS, model.patch_embed, "zeros", torch.float32, impl="fused")
+        expected = model.patch_embed(shift_images(images, SHIFTS, "zeros"))
+    assert impl == "fused"
+    assert rel_err(got, expected) <= 1e-5
 
 
 def test_kernel_launch_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
@@ -104,7 +153,7 @@ def test_kernel_launch_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     images, weight = torch.randn(1, 3, 28, 28), torch.randn(8, 3, 14, 14)
     table = torch.zeros(1, 2, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="kernel cannot run on this cpu tensor.*TRITON_INTERPRET=1"):
+    with pytest.raises(Unavailable, match="kernel cannot run on this cpu tensor.*TRITON_INTERPRET=1"):
         pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32)
 
 
@@ -135,7 +184,8 @@ def test_out_buffer_of_the_wrong_shape_is_refused():
     images, weight = torch.randn(1, 3, 28, 28, device=DEVICE), torch.randn(8, 3, 14, 14, device=DEVICE)
     table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="out must be a contiguous"):
-        pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32, out=torch.empty(1, 2, 2, 8, device=DEVICE))
+        pe.shift_patch_embed_triton(images, table, weight, None, 14, "zeros", torch.float32,
+                                    out=torch.empty(1, 2, 2, 8, device=DEVICE))
 
 
 def test_plain_conv_weights_accepts_timm_patch_embed_and_names_what_is_not_plain():
@@ -155,15 +205,15 @@ import inspect, sys
 import fastsrt, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fastsrt.ops.patch_embed as pe
 from fastsrt.ops import _triton
-_triton.jit_kernels(vars(pe), pe._TRITON_FUNCTIONS)
-kernel = pe._shift_patch_embed_kernel
+kernel = _triton.kernels("fastsrt.ops.patch_embed.kernels").shift_patch_embed_kernel
 names = list(inspect.signature(kernel.fn).parameters)
 for out, operand, tile in [("fp32", tl.float32, (64, 128, 32)), ("bf16", tl.bfloat16, (128, 128, 32))]:
-    signature = {"images_ptr": "*fp32", "shifts_ptr": "*i32", "weight_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*" + out}
+    signature = {"images_ptr": "*fp32", "shifts_ptr": "*i32", "weight_ptr": "*fp32", "bias_ptr": "*fp32",
+                 "out_ptr": "*" + out}
     signature.update({name: "i32" for name in names[5:19]})
-    constants = dict(PATCH=14, PADDING=2, HAS_BIAS=True, OPERAND=operand, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
+    constants = dict(PATCH=14, PADDING=2, HAS_BIAS=True, OPERAND=operand,
+                     BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
@@ -177,7 +227,16 @@ def test_kernel_compiles_for_an_h100_without_a_gpu():
     """The interpreter does not lower the kernel: compile it ahead of time for sm_90 (Triton's own
     ptxas), float32 and bfloat16, as a GPU run would."""
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, env=environment, timeout=300)
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, env=environment,
+                          timeout=300)
     if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_importing_fastsrt_does_not_import_the_kernel_module():
+    """The kernels are imported when a fused path first runs, never by ``import fastsrt``."""
+    code = "import sys, fastsrt, fastsrt.ops.patch_embed; print('fastsrt.ops.patch_embed.kernels' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from utils import shifted_by_padding
 
 from fastsrt.ops.shift import shift_images
-from utils import shifted_by_padding
 
 
 @pytest.mark.parametrize("padding", ["zeros", "replicate", "reflect"])
@@ -12,7 +12,8 @@ def test_views_match_padding_and_crop(padding):
     views = shift_images(images, shifts, padding)
     assert views.shape == (12, 3, 9, 13)
     for k, (dy, dx) in enumerate(shifts):
-        torch.testing.assert_close(views[2 * k : 2 * k + 2], shifted_by_padding(images, dy, dx, padding), rtol=0, atol=0)
+        expected = shifted_by_padding(images, dy, dx, padding)
+        torch.testing.assert_close(views[2 * k : 2 * k + 2], expected, rtol=0, atol=0)
 
 
 def test_view_convention():
@@ -29,5 +30,5 @@ def test_shift_as_large_as_the_image_raises(shift):
 
 
 def test_unknown_padding():
-    with pytest.raises(ValueError, match="padding='circular'"):
+    with pytest.raises(ValueError, match="padding='circular' is not one of 'zeros', 'replicate', 'reflect'"):
         shift_images(torch.randn(1, 3, 9, 13), [(1, 1)], "circular")

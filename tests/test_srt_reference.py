@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from utils import rel_err, shifted_by_padding, tiny_vit
 
 import fastsrt
@@ -19,7 +20,8 @@ def authors_views(model, images, shifts, patch, padding="zeros", upsample="neare
         view = shifted_by_padding(images, dy, dx, padding)
         with torch.no_grad():
             tokens = model.forward_features(view)[:, model.num_prefix_tokens :]
-        grid = tokens.reshape(images.shape[0], images.shape[2] // patch, images.shape[3] // patch, -1).permute(0, 3, 1, 2)
+        grid = tokens.reshape(images.shape[0], images.shape[2] // patch, images.shape[3] // patch, -1)
+        grid = grid.permute(0, 3, 1, 2)
         if upsample == "nearest":
             pixels = F.interpolate(grid, scale_factor=patch, mode="nearest")
         else:
@@ -35,7 +37,8 @@ def authors_mean(model, images, shifts, patch, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "name,patch", [("vit_small_patch14_dinov2", 14), ("vit_small_patch14_reg4_dinov2", 14), ("vit_base_patch16_224", 16)]
+    "name,patch",
+    [("vit_small_patch14_dinov2", 14), ("vit_small_patch14_reg4_dinov2", 14), ("vit_base_patch16_224", 16)],
 )
 def test_matches_authors_algorithm_pixel_and_token(name, patch):
     model = tiny_vit(name)
@@ -120,7 +123,8 @@ def test_std_across_views_and_cls_mean():
     out = SRT(model, SHIFTS).run(images, std=True, prefix=True)
     assert rel_err(out.std, warped.std(0, unbiased=False)) <= 1e-5
     with torch.no_grad():
-        cls = torch.stack([model.forward_features(shifted_by_padding(images, dy, dx, "zeros"))[:, :1] for dy, dx in SHIFTS])
+        cls = torch.stack([model.forward_features(shifted_by_padding(images, dy, dx, "zeros"))[:, :1]
+                           for dy, dx in SHIFTS])
     assert out.prefix.shape == (2, 1, 48)
     assert rel_err(out.prefix, cls.mean(0)) <= 1e-5
 
@@ -229,3 +233,76 @@ def test_bad_images(images, error, match):
 def test_shift_as_large_as_the_image():
     with pytest.raises(ValueError, match=r"shift \(-28, 5\) is as large as the 28x42 image"):
         SRT(tiny_vit(), [(0, 0), (-28, 5)])(torch.randn(1, 3, 28, 42))
+
+
+def channel_map(channels: int, seed: int = 0) -> nn.Conv2d:
+    """A random linear map of the channels, the same at every token: (N, C, h, w) -> (N, C, h, w)."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(channels, channels, 1, bias=False)
+    nn.init.normal_(conv.weight)
+    return conv
+
+
+@pytest.mark.parametrize("upsample,ignore_padding", [("nearest", False), ("bilinear", True)])
+def test_linear_token_transform_commutes_with_the_mean(upsample, ignore_padding):
+    """The mean over views (and the upsampling) is linear: transforming each view's tokens by a linear
+    channel map M before aggregating equals M applied to SRT's features per pixel."""
+    model, transform = tiny_vit(), channel_map(48)
+    images = torch.randn(2, 3, 28, 42)
+    common = dict(shifts=SHIFTS, upsample=upsample, ignore_padding=ignore_padding, view_batch=6)
+    got = SRT(model, token_transform=transform, **common)(images)
+    with torch.no_grad():
+        expected = transform(SRT(model, **common)(images))
+    assert got.shape == (2, 48, 28, 42)
+    assert rel_err(got, expected) <= 1e-5
+    assert rel_err(got, SRT(model, **common)(images)) > 0.1  # the transform matters
+
+
+def test_token_transform_is_applied_per_view_before_the_median():
+    """SRT with a transform equals SRT of the backbone composed with the transform, for the median as
+    well; there it is not the transform of SRT's median."""
+    model, transform = tiny_vit(), channel_map(48, seed=1)
+    images = torch.randn(1, 3, 28, 28)
+
+    def transformed_tokens(views):
+        with torch.no_grad():
+            tokens = model.forward_features(views)[:, model.num_prefix_tokens :]
+        return transform(tokens.transpose(1, 2).unflatten(2, (views.shape[-2] // 14, views.shape[-1] // 14)))
+
+    got = SRT(model, SHIFTS, reduce="median", token_transform=transform).run(images, std=True)
+    expected = SRT(transformed_tokens, SHIFTS, patch_size=14, reduce="median").run(images, std=True)
+    torch.testing.assert_close(got.features, expected.features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.std, expected.std, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        after = transform(SRT(model, SHIFTS, reduce="median")(images))
+    assert rel_err(got.features, after) > 1e-2
+
+
+def test_token_transform_sees_each_backbone_call_and_every_layer_but_not_the_prefix():
+    model = tiny_vit(depth=3)
+    seen = []
+
+    def double(grids):
+        seen.append(tuple(grids.shape))
+        return 2 * grids
+
+    images = torch.randn(2, 3, 28, 42)
+    shifts = SHIFTS[:5]
+    got = SRT(model, shifts, layer=[0, -1], view_batch=4, token_transform=double).run(images, prefix=True)
+    plain = SRT(model, shifts, layer=[0, -1], view_batch=4).run(images, prefix=True)
+    # 2 views x 2 images per call: calls of 2, 2 and 1 views, each transformed for both layers
+    assert seen == [(4, 48, 2, 3)] * 4 + [(2, 48, 2, 3)] * 2
+    for transformed, features in zip(got.features, plain.features):
+        torch.testing.assert_close(transformed, 2 * features, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got.prefix, plain.prefix):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_token_transform_module_is_a_submodule_and_bad_transforms_are_refused():
+    transform = channel_map(48)
+    srt = SRT(tiny_vit(), 1, token_transform=transform)
+    assert dict(srt.named_modules())["token_transform"] is transform
+    with pytest.raises(TypeError, match="token_transform must be callable"):
+        SRT(tiny_vit(), 1, token_transform="denoise")
+    with pytest.raises(ValueError, match=r"token_transform must map token grids \(10, 48, 2, 2\)"):
+        SRT(tiny_vit(), 1, token_transform=lambda grids: grids[:, :, :1])(torch.randn(1, 3, 28, 28))

@@ -1,5 +1,6 @@
 """fastsrt.DVT: a backbone followed by the distilled denoiser, clean token grids in one forward;
-optionally upsampled to pixels, or combined with SRT (each shifted view denoised, then aggregated)."""
+optionally upsampled to pixels, or combined with SRT (each shifted view denoised, then aggregated:
+SRT with the denoiser as its ``token_transform``)."""
 from __future__ import annotations
 
 import os
@@ -11,13 +12,8 @@ from torch import nn
 from fastsrt.backbone import as_backbone, model_name
 from fastsrt.checks import check_choice
 from fastsrt.dvt.denoiser import Denoiser, same_backbone
-from fastsrt.ops.shift import check_shifts_fit
-from fastsrt.ops.warp_aggregate import (
-    OUTPUTS,
-    UPSAMPLES,
-    upsample_tokens,
-    warp_aggregate,
-)
+from fastsrt.ops.warp_aggregate import upsample_tokens
+from fastsrt.options import OUTPUTS, UPSAMPLES
 from fastsrt.srt import SRT
 
 
@@ -64,7 +60,8 @@ class DVT(nn.Module):
             raise ValueError(f"the denoiser was trained on {denoiser.backbone}, not on {name}")
         channels = getattr(self.backbone, "embed_dim", denoiser.dim)
         if channels != denoiser.dim:
-            raise ValueError(f"the denoiser takes {denoiser.dim}-channel tokens but {name or 'the model'} gives {channels}")
+            raise ValueError(f"the denoiser takes {denoiser.dim}-channel tokens but {name or 'the model'} "
+                             f"gives {channels}")
         self.denoiser = denoiser
         self.layer = denoiser.layer if layer is None else layer
         if not isinstance(self.layer, int):
@@ -72,9 +69,10 @@ class DVT(nn.Module):
         self.backbone.layer_indices(self.layer)  # validates
         self.output, self.upsample = output, upsample
         self.srt = None
-        if shifts is not None:  # the SRT object supplies the views and the aggregation settings
+        if shifts is not None:  # SRT denoising every view before it aggregates them
             self.srt = SRT(self.backbone, shifts, layer=self.layer, upsample=upsample, padding=padding, reduce=reduce,
-                           ignore_padding=ignore_padding, output=output, impl=impl, view_batch=view_batch)
+                           ignore_padding=ignore_padding, output=output, impl=impl, view_batch=view_batch,
+                           token_transform=denoiser)
 
     @property
     def patch_size(self) -> int:
@@ -84,20 +82,9 @@ class DVT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Clean features of normalised images (B, 3, H, W): (B, C, h, w) tokens or (B, C, H, W)
         pixels (see ``output``). Runs without gradients."""
-        padded = self.backbone.prepare(images)
-        height, width = images.shape[-2:]
-        if self.srt is None:
-            clean = self.denoiser(self.backbone(padded, self.layer).tokens[0])
-            if self.output == "token":
-                return clean
-            return upsample_tokens(clean, self.patch_size, self.upsample)[..., :height, :width]
-
-        check_shifts_fit(self.srt.shifts, height, width)
-        views = self.srt.view_tokens(padded)[0][0]  # (K, B, C, h, w)
-        flat = views.flatten(0, 1)
-        clean = torch.cat([self.denoiser(chunk) for chunk in flat.split(self.srt.view_batch)]).view_as(views)
-        aggregate, _, self.srt.aggregation_used = warp_aggregate(
-            clean, self.srt.shifts, self.patch_size, self.upsample, self.srt.reduce, self.srt.ignore_padding,
-            self.output, impl=self.srt.impl,
-        )
-        return aggregate if self.output == "token" else aggregate[..., :height, :width]
+        if self.srt is not None:
+            return self.srt(images)
+        clean = self.denoiser(self.backbone(self.backbone.prepare(images), self.layer).tokens[0])
+        if self.output == "token":
+            return clean
+        return self.backbone.crop(upsample_tokens(clean, self.patch_size, self.upsample), images.shape[-2:])

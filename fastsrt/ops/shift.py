@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-PADDINGS = ("zeros", "replicate", "reflect")
+from fastsrt.options import PADDINGS
 
 
 def check_shifts_fit(shifts: Sequence[tuple[int, int]], height: int, width: int) -> None:
@@ -31,7 +31,7 @@ def source_index(size: int, shift: int, padding: str, device=None) -> tuple[torc
     elif padding == "reflect":
         index = torch.where(source < 0, -source, torch.where(source >= size, 2 * (size - 1) - source, source))
     else:
-        raise ValueError(f"padding={padding!r} is not one of {PADDINGS}")
+        raise ValueError(f"padding={padding!r} is not one of {', '.join(repr(p) for p in PADDINGS)}")
     if padding != "zeros":
         inside = torch.ones_like(inside)
     return index, inside
