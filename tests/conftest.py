@@ -3,7 +3,7 @@ import os
 import torch
 
 # Triton kernels run on a machine without a GPU only in the interpreter, which must be chosen
-# before any kernel is defined (shared/REFERENCE.md, traps).
+# before any kernel is defined (docs/traps.md, "Triton").
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # float32 parity on a GPU: cuDNN and cuBLAS would otherwise round inputs to TF32 (~3e-4 relative)
