@@ -2,7 +2,7 @@
 dynamic batch profile) through TensorRT's own Python API, run on torch CUDA tensors in place.
 
 TensorRT is imported only when this backend is asked for; ``require_tensorrt`` turns its
-absence into one clear message naming the package.
+absence into one ``Unavailable`` naming the package.
 """
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from pathlib import Path
 
 import torch
 
+from fastsrt.checks import check_choice
+from fastsrt.errors import Unavailable
 from fastsrt.io import atomic_path
-
-PRECISIONS = ("fp32", "fp16", "bf16")
+from fastsrt.options import PRECISIONS
 
 
 def require_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise ImportError("the tensorrt backend needs NVIDIA TensorRT's Python package: pip install tensorrt "
-                          "(or fastsrt[trt]); it runs on CUDA GPUs only") from None
+        raise Unavailable("TensorRT is not installed: pip install tensorrt (or fastsrt[trt]); it runs on CUDA GPUs "
+                          "only") from None
     return tensorrt
 
 
@@ -34,9 +35,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, i
     """Builds a TensorRT engine for inputs (B, *input_shape) with min/opt/max B = ``batch`` and
     writes it atomically to ``engine_path``. fp16/bf16 let TensorRT pick reduced-precision
     kernels; the engine's inputs and outputs stay float32."""
+    check_choice("precision", precision, PRECISIONS)
     trt = require_tensorrt()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
