@@ -1,4 +1,4 @@
-"""DVT stage 2: the distilled denoiser (REFERENCE.md, "Stage 2: the denoiser").
+"""DVT stage 2: the distilled denoiser (docs/method.md, "DVT stage 2").
 
 One standard ViT block (or N of them) on the backbone's final normed patch tokens, after adding a
 learnable positional embedding (1, h*w, C) that is resampled to other token grids with timm's

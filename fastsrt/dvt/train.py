@@ -1,4 +1,4 @@
-"""Training the DVT denoiser on (raw, target) token-grid pairs (REFERENCE.md, DVT stage 2).
+"""Training the DVT denoiser on (raw, target) token-grid pairs (docs/method.md, "DVT stage 2").
 
 Defaults are the paper's: loss mse + (1 - cosine), AdamW (0.9, 0.999) with weight decay 1e-5,
 lr 2e-4 * sqrt(batch / 256), 15% linear warm-up then cosine to 1e-6, 10 epochs of batch 64.
@@ -34,9 +34,9 @@ from fastsrt.io import (
     normalize,
     tensor_shapes,
 )
+from fastsrt.options import AMPS, torch_dtype
 from fastsrt.srt import SRT
 
-AMPS = ("auto", "bf16", "fp16", "none")
 # config fields that change the result: a resumed run must agree on them
 _RESULT_FIELDS = ("epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "betas", "amp", "num_blocks", "seed")
 
@@ -234,7 +234,7 @@ def train_denoiser(
             torch.cuda.set_device(device)  # NCCL binds each rank to the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast_dtype = None if amp == "none" else torch_dtype(amp)
 
     if denoiser is None:
         torch.manual_seed(config.seed)
