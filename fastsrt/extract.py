@@ -29,6 +29,7 @@ class ImageFeatures:
     srt: torch.Tensor  # (C, H, W) or (C, h, w): SRT
     noise: torch.Tensor  # (H, W) or (h, w): norm over channels of the std across views
     seconds: dict[str, float]
+    impl: str  # what SRT ran (SRTOutput.impl), e.g. "fused" or "reference views + chunked aggregation"
 
 
 def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures:
@@ -46,7 +47,8 @@ def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures
     start = _now(device)
     out = srt.run(batch, std=True)
     seconds[f"SRT ({len(srt.shifts)} views)"] = _now(device) - start
-    return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(), seconds=seconds)
+    return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(),
+                         seconds=seconds, impl=out.impl)
 
 
 def _now(device: torch.device) -> float:
