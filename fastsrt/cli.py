@@ -97,7 +97,8 @@ def _add_srt_options(parser: argparse.ArgumentParser, size: int | None, output: 
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                         help="backbone precision (autocast; default: %(default)s)")
     parser.add_argument("--view-batch", type=_view_batch, default=srt["view_batch"],
-                        help="images per backbone forward, or auto: what fits the GPU, 32 on a CPU (default: %(default)s)")
+                        help="images per backbone forward, or auto: what fits the GPU, 32 on a CPU "
+                             "(default: %(default)s)")
     parser.add_argument("--size", type=int, default=size,
                         help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -132,7 +133,8 @@ def run_extract(args) -> int:
     from fastsrt.extract import extract
 
     srt = _build_srt(args)
-    report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite, picture=not args.no_png)
+    report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite,
+                     picture=not args.no_png)
     return _print_report("extract", report, args.out)
 
 
@@ -157,10 +159,12 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     save_png(out / "demo.png", comparison_picture(result))
-    save_tensors(out / "demo.safetensors", {"raw": result.raw, "srt": result.srt, "noise": result.noise}, {"model": args.model})
+    save_tensors(out / "demo.safetensors", {"raw": result.raw, "srt": result.srt, "noise": result.noise},
+                 {"model": args.model})
     steps["write picture and features"] = time.perf_counter() - start
     height, width = result.image.shape[-2:]
-    print(f"fastsrt demo: {args.model}, {height}x{width} image, raw {tuple(result.raw.shape)} -> SRT {tuple(result.srt.shape)}")
+    print(f"fastsrt demo: {args.model}, {height}x{width} image, "
+          f"raw {tuple(result.raw.shape)} -> SRT {tuple(result.srt.shape)}")
     for step, seconds in steps.items():
         print(f"  {step:<28} {seconds:8.2f} s")
     print(f"  SRT ran: {result.impl}")
@@ -218,7 +222,8 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
                         help="precision of the cached raw tokens (default: %(default)s)")
     parser.add_argument("--view-batch", type=int, default=config["view_batch"],
                         help="views per backbone forward (default: %(default)s)")
-    parser.add_argument("--impl", choices=ENCODING_IMPLS, default=run["impl"], help="grid encoding (default: %(default)s)")
+    parser.add_argument("--impl", choices=ENCODING_IMPLS, default=run["impl"],
+                        help="grid encoding (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=run["seed"], help="(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
@@ -328,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(fit)
     fit.set_defaults(run=run_fit)
     train = commands.add_parser("train-denoiser", help="train the DVT denoiser on stage-1 pairs or SRT targets")
-    train.add_argument("source", help="folder of stage-1 pair files (<stem>.safetensors), or of images with --srt-targets")
-    train.add_argument("--out", required=True, help="the denoiser to write (.safetensors; a .json config goes beside it)")
+    train.add_argument("source",
+                       help="folder of stage-1 pair files (<stem>.safetensors), or of images with --srt-targets")
+    train.add_argument("--out", required=True,
+                       help="the denoiser to write (.safetensors; a .json config goes beside it)")
     train.add_argument("--target", default="clean", help="target tensor in the pair files (default: %(default)s)")
     train.add_argument("--srt-targets", action="store_true",
                        help="SOURCE is an image folder: targets are SRT token features computed on the fly")
@@ -371,8 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(export, model_help="timm model: export ViT + denoiser end to end")
     export.set_defaults(model=None)
     export.add_argument("--image-size", type=int, default=None, help="with --model (default: the trained grid x patch)")
-    export.add_argument("--cache-dir", default=None, help="ONNX/engine cache (default: $FASTSRT_CACHE or ~/.cache/fastsrt)")
-    export.add_argument("--repeat", type=int, default=20, help="timed calls after the parity check (default: %(default)s)")
+    export.add_argument("--cache-dir", default=None,
+                        help="ONNX/engine cache (default: $FASTSRT_CACHE or ~/.cache/fastsrt)")
+    export.add_argument("--repeat", type=int, default=20,
+                        help="timed calls after the parity check (default: %(default)s)")
     export.add_argument("--device", default=None)
     export.set_defaults(run=run_export)
     return parser

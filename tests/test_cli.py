@@ -52,7 +52,8 @@ def test_extract_folder_writes_good_reports_bad_and_resumes(image_folder, tmp_pa
 
 def test_extract_token_output_and_single_file(image_folder, tmp_path):
     out = tmp_path / "out"
-    assert main(["extract", str(image_folder / "square.png"), "--out", str(out), "--output", "token", "--no-png", *FAST]) == 0
+    arguments = ["extract", str(image_folder / "square.png"), "--out", str(out), "--output", "token", "--no-png"]
+    assert main([*arguments, *FAST]) == 0
     with safe_open(out / "square.safetensors", "pt") as f:
         assert f.get_tensor("srt").shape == (384, 2, 2)
     assert not (out / "square.png").exists()
@@ -74,7 +75,8 @@ def test_errors_are_one_line_and_exit_2(args, message, capsys, monkeypatch, tmp_
 
 def test_demo_command_end_to_end(tmp_path):
     command = Path(sys.executable).with_name("fastsrt")
-    result = subprocess.run([str(command), "demo", "--out", str(tmp_path), *FAST], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(command), "demo", "--out", str(tmp_path), *FAST], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert "SRT (10 views" in result.stdout and str(tmp_path / "demo.png") in result.stdout
     assert Image.open(tmp_path / "demo.png").size[1] > 28

@@ -34,7 +34,8 @@ def fixed_size_model(model: nn.Module, image_size: tuple[int, int]) -> nn.Module
         fixed.dynamic_img_size = False
         fixed.patch_embed.flatten = True  # the dynamic path had it emit (B, h, w, C) grids
     parameter = next(model.parameters())
-    probe = torch.randn(1, model.patch_embed.proj.in_channels, *image_size, device=parameter.device, dtype=parameter.dtype)
+    probe = torch.randn(1, model.patch_embed.proj.in_channels, *image_size, device=parameter.device,
+                        dtype=parameter.dtype)
     with torch.no_grad():
         expected, actual = model.forward_features(probe), fixed.forward_features(probe)
     if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-4, atol=1e-4):

@@ -78,7 +78,8 @@ def compile(denoiser: Denoiser, grid=(37, 37), batch: int = 1, backend: str = "a
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"compile takes a fastsrt.dvt.Denoiser, got {type(denoiser).__name__}")
     fixed = denoiser.at_grid(grid)
-    return compile_module(fixed, (fixed.dim, *fixed.grid), batch, backend, precision, device, cache_dir, **torch_options)
+    return compile_module(fixed, (fixed.dim, *fixed.grid), batch, backend, precision, device, cache_dir,
+                          **torch_options)
 
 
 def compile_pipeline(model, denoiser: Denoiser, image_size, batch: int = 1, backend: str = "auto",

@@ -39,8 +39,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, i
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    major = int(trt.__version__.split(".")[0])  # TensorRT 10 has only explicit-batch networks, and no flag for it
+    network = builder.create_network(0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -85,8 +85,10 @@ class TensorRTRunner:
         inputs = inputs.detach().to(self.device, torch.float32).contiguous()
         with torch.cuda.device(self.device):  # the engine's GPU, whatever the caller's current device
             if not self.context.set_input_shape(self.input, tuple(inputs.shape)):
-                raise RuntimeError(f"TensorRT refused input shape {tuple(inputs.shape)} (outside the engine's profile?)")
-            outputs = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device=self.device)
+                raise RuntimeError(f"TensorRT refused input shape {tuple(inputs.shape)} "
+                                   "(outside the engine's profile?)")
+            shape = tuple(self.context.get_tensor_shape(self.output))
+            outputs = torch.empty(shape, dtype=torch.float32, device=self.device)
             self.context.set_tensor_address(self.input, inputs.data_ptr())
             self.context.set_tensor_address(self.output, outputs.data_ptr())
             if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):

@@ -28,11 +28,14 @@ class TorchRunner:
         self.compiled = on_gpu if compile is None else compile
         use_graph = on_gpu if cuda_graph is None else cuda_graph
         if use_graph and self.compiled and compile_mode in GRAPHING_MODES:
-            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs itself; pass cuda_graph=False with it")
+            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs itself; "
+                             "pass cuda_graph=False with it")
         if use_graph and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         module = copy.deepcopy(module).to(self.device, self.dtype).eval().requires_grad_(False)
-        self.function = torch.compile(module, mode=compile_mode, fullgraph=True, dynamic=False) if self.compiled else module
+        if self.compiled:
+            module = torch.compile(module, mode=compile_mode, fullgraph=True, dynamic=False)
+        self.function = module
         self.graph = None
         if use_graph:
             self._capture(tuple(input_shape), batch)

@@ -38,7 +38,8 @@ from fastsrt.options import AMPS, torch_dtype
 from fastsrt.srt import SRT
 
 # config fields that change the result: a resumed run must agree on them
-_RESULT_FIELDS = ("epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "betas", "amp", "num_blocks", "seed")
+_RESULT_FIELDS = ("epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "betas", "amp", "num_blocks",
+                  "seed")
 
 
 @dataclass
@@ -221,7 +222,8 @@ def train_denoiser(
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
     steps_per_epoch = len(source) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(source)} training pairs are fewer than one batch ({config.batch_size}); lower batch_size")
+        raise ValueError(f"{len(source)} training pairs are fewer than one batch ({config.batch_size}); "
+                         "lower batch_size")
     total = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup * total)
 
@@ -245,7 +247,8 @@ def train_denoiser(
     denoiser.to(device).train()
     model = denoiser
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=device_ids)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.base_lr(), betas=config.betas,
                                   weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -265,8 +268,8 @@ def train_denoiser(
 
     def save_state() -> None:
         if rank == 0:
-            state = {"denoiser": denoiser.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "losses": losses, "fingerprint": fingerprint}
+            state = {"denoiser": denoiser.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "losses": losses, "fingerprint": fingerprint}
             with atomic_path(state_path) as temporary:
                 torch.save(state, temporary)
 
