@@ -189,3 +189,15 @@ def test_defaults_are_the_config_dataclasses_and_signatures():
     parsed = vars(build_parser().parse_args(["train-denoiser", "x", "--out", "o"]))
     assert (parsed["epochs"], parsed["lr"], parsed["amp"], parsed["blocks"]) == (10, None, "auto", 1)
     assert parsed["shifts"] == signature_defaults(fastsrt.SRT)["shifts"] == 3
+
+
+def test_import_fastsrt_is_torch_free_and_still_makes_timm_importable():
+    code = ("import sys\n"
+            "import fastsrt\n"
+            "assert 'torch' not in sys.modules\n"
+            "import timm\n"  # on a CPU-only torch, torchvision's import is fixed on the way
+            "model = timm.create_model('vit_small_patch14_dinov2', pretrained=False, depth=1)\n"
+            "print(type(model).__name__, fastsrt.SRT.__name__, fastsrt.dvt.Denoiser.__name__)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["VisionTransformer", "SRT", "Denoiser"]
