@@ -182,7 +182,7 @@ def test_compiled_input_checks(denoiser, cache):
 def test_cli_export(denoiser, tmp_path, capsys):
     path = denoiser.save(tmp_path / "den.safetensors")
     arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--grid", "5", "5", "--batch", "2",
-                 "--cache-dir", str(tmp_path / "cache"), "--repeat", "2"]
+                 "--cache-dir", str(tmp_path / "cache"), "--repeat", "2", "--device", "cpu"]  # auto: onnxruntime
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert "backend onnxruntime" in printed and (tmp_path / "out" / "denoiser-5x5-b2.onnx").is_file()
@@ -271,7 +271,7 @@ def test_cli_export_of_vit_plus_denoiser(tmp_path, capsys):
     den = Denoiser(384, grid=(2, 2), backbone=NAME)
     path = den.save(tmp_path / "den.safetensors")
     arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
-                 "--pretrained", "no", "--cache-dir", str(tmp_path / "cache"), "--repeat", "1"]
+                 "--pretrained", "no", "--cache-dir", str(tmp_path / "cache"), "--repeat", "1", "--device", "cpu"]
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert (tmp_path / "out" / "vit_small_patch14_dinov2-dvt-28-b1.onnx").is_file()
