@@ -5,22 +5,68 @@
     fastsrt fit IMAGES... --out DIR       DVT stage 1: (raw, clean, artifact) per image (safetensors)
     fastsrt train-denoiser PAIRS_DIR --out CKPT   train the DVT denoiser (resumable, torchrun for DDP)
     fastsrt export CKPT --out DIR         the denoiser (or ViT + denoiser) as ONNX / TensorRT engine
+
+Choices come from ``fastsrt.options``; defaults from the config dataclasses and signatures that
+own them (``defaults``). Neither imports torch, so ``--help`` answers at once.
+
+User errors (a bad value, a missing file or optional package) print one line and exit with 2;
+what cannot run here (``Unavailable``) with 1. Any other exception is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from fastsrt.checks import Unavailable
+from fastsrt.errors import Unavailable
+from fastsrt.options import (
+    AMPS,
+    BACKENDS,
+    DTYPE_NAMES,
+    ENCODING_IMPLS,
+    OUTPUTS,
+    PADDINGS,
+    PRECISIONS,
+    PRETRAINED,
+    REDUCES,
+    SRT_IMPLS,
+    UPSAMPLES,
+)
 
 DEFAULT_MODEL = "vit_small_patch14_dinov2.lvd142m"
 
 
-PRETRAINED = {"auto": "auto", "yes": True, "no": False}
-DTYPES = {"float32": None, "bfloat16": "bfloat16", "float16": "float16"}
+def defaults(source: str, name: str) -> dict[str, object]:
+    """The literal default values of ``name`` in fastsrt's source file ``source``: a dataclass's
+    fields, or a function's (for a class, its ``__init__``'s) arguments. Read from the source, not
+    imported: those modules import torch, which ``--help`` must not (tests/test_cli.py checks the
+    values against the imported objects)."""
+    tree = ast.parse((Path(__file__).parent / source).read_text())
+    node = next(n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name)
+    if isinstance(node, ast.ClassDef):
+        init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+        if init is None:  # a dataclass
+            fields = [n for n in node.body if isinstance(n, ast.AnnAssign) and n.value is not None]
+            return _literals((field.target.id, field.value) for field in fields)
+        node = init
+    arguments = node.args
+    positional = arguments.posonlyargs + arguments.args
+    with_defaults = [*zip(positional[len(positional) - len(arguments.defaults):], arguments.defaults),
+                     *zip(arguments.kwonlyargs, arguments.kw_defaults)]
+    return _literals((argument.arg, value) for argument, value in with_defaults if value is not None)
+
+
+def _literals(pairs) -> dict[str, object]:
+    """name -> value for the pairs (name, expression) whose expression is a literal."""
+    values = {}
+    for name, expression in pairs:
+        with contextlib.suppress(ValueError):  # e.g. encoding=GridEncodingConfig(): not a literal
+            values[name] = ast.literal_eval(expression)
+    return values
 
 
 def _add_model_options(parser: argparse.ArgumentParser, model_help: str = "timm model name") -> None:
@@ -34,20 +80,27 @@ def _view_batch(value: str) -> int | str:
 
 
 def _add_srt_options(parser: argparse.ArgumentParser, size: int | None, output: bool = True) -> None:
+    srt = defaults("srt.py", "SRT")
     _add_model_options(parser)
-    parser.add_argument("--shifts", type=int, default=3, help="shift radius d: 1 + (2d+1)^2 views (default: 3, 50 views)")
-    parser.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1)")
-    parser.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest")
-    parser.add_argument("--padding", choices=["zeros", "replicate", "reflect"], default="zeros")
-    parser.add_argument("--reduce", choices=["mean", "median"], default="mean")
+    parser.add_argument("--shifts", type=int, default=srt["shifts"],
+                        help="shift radius d: 1 + (2d+1)^2 views (default: %(default)s)")
+    parser.add_argument("--layer", type=int, default=srt["layer"],
+                        help="block index, negative from the end (default: %(default)s)")
+    parser.add_argument("--upsample", choices=UPSAMPLES, default=srt["upsample"], help="(default: %(default)s)")
+    parser.add_argument("--padding", choices=PADDINGS, default=srt["padding"], help="(default: %(default)s)")
+    parser.add_argument("--reduce", choices=REDUCES, default=srt["reduce"], help="(default: %(default)s)")
     parser.add_argument("--ignore-padding", action="store_true", help="average only over views covering a pixel")
     if output:
-        parser.add_argument("--output", choices=["pixel", "token"], default="pixel")
-    parser.add_argument("--impl", choices=["auto", "reference", "fused", "chunked"], default="auto")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="backbone precision (autocast)")
-    parser.add_argument("--view-batch", type=_view_batch, default="auto",
-                        help="images per backbone forward, or auto: what fits the GPU (32 on a CPU; default)")
-    parser.add_argument("--size", type=int, default=size, help="shorter image side, rounded to the patch (default: %(default)s)")
+        parser.add_argument("--output", choices=OUTPUTS, default=srt["output"], help="(default: %(default)s)")
+    parser.add_argument("--impl", choices=SRT_IMPLS, default=srt["impl"], help="(default: %(default)s)")
+    # SRT's dtype=None runs the backbone in float32, without autocast
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                        help="backbone precision (autocast; default: %(default)s)")
+    parser.add_argument("--view-batch", type=_view_batch, default=srt["view_batch"],
+                        help="images per backbone forward, or auto: what fits the GPU, 32 on a CPU "
+                             "(default: %(default)s)")
+    parser.add_argument("--size", type=int, default=size,
+                        help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -67,11 +120,10 @@ def _backbone(args):
 
 
 def _build_srt(args, output: str | None = None):
-    import torch
-
+    from fastsrt.options import torch_dtype
     from fastsrt.srt import SRT
 
-    dtype = DTYPES[args.dtype] and getattr(torch, DTYPES[args.dtype])
+    dtype = None if args.dtype == "float32" else torch_dtype(args.dtype)
     return SRT(_backbone(args).to(_device(args)), args.shifts, layer=args.layer, upsample=args.upsample,
                padding=args.padding, reduce=args.reduce, ignore_padding=args.ignore_padding,
                output=output or args.output, impl=args.impl, view_batch=args.view_batch, dtype=dtype)
@@ -81,7 +133,8 @@ def run_extract(args) -> int:
     from fastsrt.extract import extract
 
     srt = _build_srt(args)
-    report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite, picture=not args.no_png)
+    report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite,
+                     picture=not args.no_png)
     return _print_report("extract", report, args.out)
 
 
@@ -106,19 +159,20 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     save_png(out / "demo.png", comparison_picture(result))
-    save_tensors(out / "demo.safetensors", {"raw": result.raw, "srt": result.srt, "noise": result.noise}, {"model": args.model})
+    save_tensors(out / "demo.safetensors", {"raw": result.raw, "srt": result.srt, "noise": result.noise},
+                 {"model": args.model})
     steps["write picture and features"] = time.perf_counter() - start
     height, width = result.image.shape[-2:]
-    print(f"fastsrt demo: {args.model}, {height}x{width} image, raw {tuple(result.raw.shape)} -> SRT {tuple(result.srt.shape)}")
+    print(f"fastsrt demo: {args.model}, {height}x{width} image, "
+          f"raw {tuple(result.raw.shape)} -> SRT {tuple(result.srt.shape)}")
     for step, seconds in steps.items():
         print(f"  {step:<28} {seconds:8.2f} s")
-    print(f"  SRT ran: {srt.impl_used}")
+    print(f"  SRT ran: {result.impl}")
     print(f"picture:  {out / 'demo.png'}\nfeatures: {out / 'demo.safetensors'}")
     return 0
 
 
 def run_fit(args) -> int:
-
     from fastsrt.dvt.decomposition import DecomposeConfig
     from fastsrt.dvt.encoding import GridEncodingConfig
     from fastsrt.dvt.runner import fit_folder
@@ -136,31 +190,46 @@ def run_fit(args) -> int:
 
 
 def _add_fit_options(parser: argparse.ArgumentParser) -> None:
+    config = defaults("dvt/decomposition.py", "DecomposeConfig")
+    encoding = defaults("dvt/encoding.py", "GridEncodingConfig")
+    run = defaults("dvt/runner.py", "fit_folder")
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="output folder: one <image stem>.safetensors per image")
     _add_model_options(parser)
-    parser.add_argument("--layer", type=int, default=-1, help="block index, negative from the end (default: -1)")
-    parser.add_argument("--size", type=int, default=518, help="image and view side, a patch multiple (default: 518)")
-    parser.add_argument("--views", type=int, default=769, help="the full image + random crops (default: 769)")
-    parser.add_argument("--iterations", type=int, default=20000, help="fitting steps, half per phase (default: 20000)")
-    parser.add_argument("--tokens-per-step", type=int, default=2048, help="tokens sampled per step (default: 2048)")
-    parser.add_argument("--batch", type=int, default=1, help="images fitted together (default: 1)")
-    parser.add_argument("--levels", type=int, default=16, help="grid-encoding levels (default: 16)")
-    parser.add_argument("--features", type=int, default=8, help="features per level (default: 8)")
-    parser.add_argument("--log2-table-size", type=int, default=20, help="log2 table rows per level (default: 20)")
-    parser.add_argument("--base-resolution", type=int, default=16, help="coarsest level resolution (default: 16)")
-    parser.add_argument("--max-resolution", type=int, default=1024, help="finest level resolution (default: 1024)")
-    parser.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                        help="precision of the cached raw tokens (default: float16)")
-    parser.add_argument("--view-batch", type=int, default=32, help="views per backbone forward (default: 32)")
-    parser.add_argument("--impl", choices=["auto", "extension", "reference"], default="auto", help="grid encoding")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layer", type=int, default=run["layer"],
+                        help="block index, negative from the end (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=config["size"],
+                        help="image and view side, a patch multiple (default: %(default)s)")
+    parser.add_argument("--views", type=int, default=config["views"],
+                        help="the full image + random crops (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=config["iterations"],
+                        help="fitting steps, half per phase (default: %(default)s)")
+    parser.add_argument("--tokens-per-step", type=int, default=config["tokens_per_step"],
+                        help="tokens sampled per step (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=run["images_per_fit"],
+                        help="images fitted together (default: %(default)s)")
+    parser.add_argument("--levels", type=int, default=encoding["levels"],
+                        help="grid-encoding levels (default: %(default)s)")
+    parser.add_argument("--features", type=int, default=encoding["features"],
+                        help="features per level (default: %(default)s)")
+    parser.add_argument("--log2-table-size", type=int, default=encoding["log2_table_size"],
+                        help="log2 table rows per level (default: %(default)s)")
+    parser.add_argument("--base-resolution", type=int, default=encoding["base_resolution"],
+                        help="coarsest level resolution (default: %(default)s)")
+    parser.add_argument("--max-resolution", type=int, default=encoding["max_resolution"],
+                        help="finest level resolution (default: %(default)s)")
+    parser.add_argument("--cache-dtype", choices=DTYPE_NAMES, default=config["cache_dtype"],
+                        help="precision of the cached raw tokens (default: %(default)s)")
+    parser.add_argument("--view-batch", type=int, default=config["view_batch"],
+                        help="views per backbone forward (default: %(default)s)")
+    parser.add_argument("--impl", choices=ENCODING_IMPLS, default=run["impl"],
+                        help="grid encoding (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=run["seed"], help="(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
 
 
 def run_train_denoiser(args) -> int:
-
     from fastsrt.dvt.distributed import rank_and_world_size
     from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser
 
@@ -168,10 +237,9 @@ def run_train_denoiser(args) -> int:
         source = SRTTargets(args.source, _build_srt(args, output="token"), size=args.size)
     else:
         source = PairFolder(args.source, target=args.target)
-    options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr,
-               "warmup": args.warmup, "weight_decay": args.weight_decay, "amp": args.amp, "num_blocks": args.blocks,
-               "seed": args.seed, "save_every": args.save_every, "num_workers": args.workers}
-    config = TrainConfig(**{name: value for name, value in options.items() if value is not None})  # None: default
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                         warmup=args.warmup, weight_decay=args.weight_decay, amp=args.amp, num_blocks=args.blocks,
+                         seed=args.seed, save_every=args.save_every, num_workers=args.workers)
     result = train_denoiser(source, args.out, config, device=_device(args), resume=not args.restart,
                             stop_after=args.stop_after)
     if rank_and_world_size()[0] != 0:  # under torchrun, rank 0 reports
@@ -207,6 +275,8 @@ def run_export(args) -> int:
     try:
         compiled = compile_module(module, input_shape, args.batch, args.backend, args.precision, device, args.cache_dir)
         actual = compiled(inputs)
+    except Unavailable:  # the backend cannot run here: its own message says why
+        raise
     except RuntimeError as error:  # a backend that fails to build or run (TensorRT, onnxruntime, torch.compile)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise Unavailable(f"the {args.backend} backend failed ({args.precision} on {device}): {first_line} "
@@ -255,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     extract.add_argument("--no-png", action="store_true", help="skip the PCA pictures")
-    _add_srt_options(extract, size=448)
+    _add_srt_options(extract, size=defaults("extract.py", "extract")["short_side"])
     extract.set_defaults(run=run_extract)
 
     fit = commands.add_parser("fit", help="DVT stage 1 on images or folders -> raw/clean/artifact safetensors; "
@@ -263,26 +333,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(fit)
     fit.set_defaults(run=run_fit)
     train = commands.add_parser("train-denoiser", help="train the DVT denoiser on stage-1 pairs or SRT targets")
-    train.add_argument("source", help="folder of stage-1 pair files (<stem>.safetensors), or of images with --srt-targets")
-    train.add_argument("--out", required=True, help="the denoiser to write (.safetensors; a .json config goes beside it)")
+    train.add_argument("source",
+                       help="folder of stage-1 pair files (<stem>.safetensors), or of images with --srt-targets")
+    train.add_argument("--out", required=True,
+                       help="the denoiser to write (.safetensors; a .json config goes beside it)")
     train.add_argument("--target", default="clean", help="target tensor in the pair files (default: %(default)s)")
     train.add_argument("--srt-targets", action="store_true",
                        help="SOURCE is an image folder: targets are SRT token features computed on the fly")
     _add_srt_options(train, size=None, output=False)  # the SRT of --srt-targets (--size default: 37 tokens)
-    # None leaves TrainConfig's default (the paper's setting) in place
-    train.add_argument("--epochs", type=int, help="(default: 10, the paper's)")
-    train.add_argument("--batch-size", type=int, help="global batch over all processes (default: 64, the paper's)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 * sqrt(batch / 256))")
-    train.add_argument("--min-lr", type=float, help="end of the cosine schedule (default: 1e-6)")
-    train.add_argument("--warmup", type=float, help="linear warm-up, fraction of all steps (default: 0.15)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 1e-5)")
-    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
-                       help="mixed precision (default auto: bf16 on CUDA, none on the CPU)")
-    train.add_argument("--blocks", type=int, help="transformer blocks in the denoiser (default: 1)")
-    train.add_argument("--seed", type=int, help="(default: 0)")
-    train.add_argument("--save-every", type=int, help="steps between resumable training states (default: 200)")
-    train.add_argument("--workers", type=int, help="data-loading processes (default: 0)")
-    train.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in all (rerun continues)")
+    config = defaults("dvt/train.py", "TrainConfig")  # the paper's settings
+    train.add_argument("--epochs", type=int, default=config["epochs"], help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=config["batch_size"],
+                       help="global batch over all processes (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=config["lr"],
+                       help="peak learning rate (default: scaled with the batch size, TrainConfig.base_lr)")
+    train.add_argument("--min-lr", type=float, default=config["min_lr"],
+                       help="end of the cosine schedule (default: %(default)s)")
+    train.add_argument("--warmup", type=float, default=config["warmup"],
+                       help="linear warm-up, fraction of all steps (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=config["weight_decay"],
+                       help="AdamW weight decay (default: %(default)s)")
+    train.add_argument("--amp", choices=AMPS, default=config["amp"],
+                       help="mixed precision; auto: bf16 on CUDA, none on the CPU (default: %(default)s)")
+    train.add_argument("--blocks", type=int, default=config["num_blocks"],
+                       help="transformer blocks in the denoiser (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=config["seed"], help="(default: %(default)s)")
+    train.add_argument("--save-every", type=int, default=config["save_every"],
+                       help="steps between resumable training states (default: %(default)s)")
+    train.add_argument("--workers", type=int, default=config["num_workers"],
+                       help="data-loading processes (default: %(default)s)")
+    train.add_argument("--stop-after", type=int, default=defaults("dvt/train.py", "train_denoiser")["stop_after"],
+                       help="stop after this many steps in all (rerun continues)")
     train.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
     train.set_defaults(run=run_train_denoiser)
 
@@ -290,14 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a denoiser checkpoint (fastsrt .safetensors or the authors' .pth)")
     export.add_argument("--out", required=True, help="folder for the ONNX file (and TensorRT engine)")
     export.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="token grid (default: the trained one)")
-    export.add_argument("--batch", type=int, default=1, help="largest batch (default: %(default)s)")
-    export.add_argument("--backend", choices=["auto", "tensorrt", "torch", "onnxruntime"], default="auto")
-    export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    compiled = defaults("deploy/runtime.py", "compile")
+    export.add_argument("--batch", type=int, default=compiled["batch"], help="largest batch (default: %(default)s)")
+    export.add_argument("--backend", choices=BACKENDS, default=compiled["backend"], help="(default: %(default)s)")
+    export.add_argument("--precision", choices=PRECISIONS, default=compiled["precision"], help="(default: %(default)s)")
     _add_model_options(export, model_help="timm model: export ViT + denoiser end to end")
     export.set_defaults(model=None)
     export.add_argument("--image-size", type=int, default=None, help="with --model (default: the trained grid x patch)")
-    export.add_argument("--cache-dir", default=None, help="ONNX/engine cache (default: $FASTSRT_CACHE or ~/.cache/fastsrt)")
-    export.add_argument("--repeat", type=int, default=20, help="timed calls after the parity check (default: %(default)s)")
+    export.add_argument("--cache-dir", default=None,
+                        help="ONNX/engine cache (default: $FASTSRT_CACHE or ~/.cache/fastsrt)")
+    export.add_argument("--repeat", type=int, default=20,
+                        help="timed calls after the parity check (default: %(default)s)")
     export.add_argument("--device", default=None)
     export.set_defaults(run=run_export)
     return parser
@@ -308,12 +392,17 @@ def main(argv=None) -> int:
     warnings.formatwarning = lambda message, *rest, **kw: f"fastsrt: warning: {message}\n"
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as error:
-        print(f"fastsrt: error: {error}", file=sys.stderr)
-        return 2
     except Unavailable as error:  # what was asked for cannot run here
         print(f"fastsrt: error: {error}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as error:  # a bad value or path on the command line
+        print(f"fastsrt: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:  # a missing optional package; a broken import of fastsrt's own is a bug
+        if (error.name or "").partition(".")[0] == "fastsrt":
+            raise
+        print(f"fastsrt: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastsrt: interrupted; finished outputs are kept", file=sys.stderr)
         return 130

@@ -15,9 +15,19 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from fastsrt.io import ImageReadError, JobReport, check_unique_stems, list_images, load_image, normalize, resize_to_patch_multiple, save_png, save_tensors
 from fastsrt.backbone import model_name
 from fastsrt.backbone_fused import precision
+from fastsrt.io import (
+    ImageReadError,
+    JobReport,
+    check_unique_stems,
+    list_images,
+    load_image,
+    normalize,
+    resize_to_patch_multiple,
+    save_png,
+    save_tensors,
+)
 from fastsrt.srt import SRT
 from fastsrt.viz import heat_colors, pca_colors, side_by_side, to_uint8_image
 
@@ -29,6 +39,7 @@ class ImageFeatures:
     srt: torch.Tensor  # (C, H, W) or (C, h, w): SRT
     noise: torch.Tensor  # (H, W) or (h, w): norm over channels of the std across views
     seconds: dict[str, float]
+    impl: str  # what SRT ran (SRTOutput.impl), e.g. "fused" or "reference views + chunked aggregation"
 
 
 def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures:
@@ -46,7 +57,8 @@ def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures
     start = _now(device)
     out = srt.run(batch, std=True)
     seconds[f"SRT ({len(srt.shifts)} views)"] = _now(device) - start
-    return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(), seconds=seconds)
+    return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(),
+                         seconds=seconds, impl=out.impl)
 
 
 def _now(device: torch.device) -> float:
@@ -68,7 +80,8 @@ def comparison_picture(result: ImageFeatures) -> Image.Image:
     )
 
 
-def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False, picture: bool = True, progress: bool = True) -> JobReport:
+def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False,
+            picture: bool = True, progress: bool = True) -> JobReport:
     """For every image in ``inputs`` (files or folders): ``OUT/<stem>.safetensors`` with tensors
     "raw" (C, h, w) and "srt" and, with ``picture``, ``OUT/<stem>.png``."""
     paths = list_images(inputs)
@@ -76,7 +89,8 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
     out_dir = Path(out_dir)
     report = JobReport()
     metadata = {"model": model_name(srt.backbone), "layer": srt.layer, "shifts": srt.shifts,
-                "upsample": srt.upsample, "padding": srt.padding, "reduce": srt.reduce, "ignore_padding": srt.ignore_padding, "output": srt.output,
+                "upsample": srt.upsample, "padding": srt.padding, "reduce": srt.reduce,
+                "ignore_padding": srt.ignore_padding, "output": srt.output,
                 "patch_size": srt.patch_size}
     for path in tqdm(paths, desc="extract", unit="image", disable=not progress):
         target = out_dir / f"{path.stem}.safetensors"
@@ -92,6 +106,7 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
         result = features_of(srt, image, short_side)
         if picture:
             save_png(target.with_suffix(".png"), comparison_picture(result))
-        save_tensors(target, {"raw": result.raw, "srt": result.srt, "noise": result.noise}, {**metadata, "source": str(path)})
+        save_tensors(target, {"raw": result.raw, "srt": result.srt, "noise": result.noise},
+                     {**metadata, "source": str(path)})
         report.written.append(path)
     return report

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 
-def pca_colors(feature_maps: Sequence[torch.Tensor], size: tuple[int, int] | None = None, samples: int = 50_000, seed: int = 0) -> list[np.ndarray]:
+def pca_colors(feature_maps: Sequence[torch.Tensor], size: tuple[int, int] | None = None, samples: int = 50_000,
+               seed: int = 0) -> list[np.ndarray]:
     """(C, h, w) feature maps -> (H, W, 3) uint8 images coloured by their first three principal
     components. The PCA and the colour scale are fitted on all maps together, so equal colours mean
     equal features across panels. Maps are first resized (nearest) to ``size``, by default the

@@ -3,6 +3,7 @@ backend choice, input checks; TensorRT and CUDA graphs where a GPU (and TensorRT
 import copy
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,13 @@ import fastsrt
 from fastsrt import deploy
 from fastsrt.cli import main
 from fastsrt.deploy import cache_key, choose_backend, module_hash
+from fastsrt.deploy.backends import IMPLEMENTATIONS, OnnxRuntimeBackend, TensorRTBackend
+from fastsrt.deploy.ort import require_onnxruntime
+from fastsrt.deploy.tensorrt_engine import require_tensorrt
+from fastsrt.dispatch import Implementation, names
 from fastsrt.dvt import Denoiser
+from fastsrt.errors import Unavailable
+from fastsrt.options import BACKENDS
 
 NAME = "vit_small_patch14_dinov2.lvd142m"
 requires_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
@@ -107,18 +114,57 @@ def test_backend_choice_and_messages():
     cpu = torch.device("cpu")
     assert choose_backend("auto", cpu, "fp32")[0] == "onnxruntime"
     assert choose_backend("auto", cpu, "bf16")[0] == "torch"
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(Unavailable, match="needs a CUDA device"):
         choose_backend("tensorrt", cpu, "fp32")
-    with pytest.raises(ValueError, match="fp32 only"):
+    with pytest.raises(Unavailable, match="fp32 only"):
         choose_backend("onnxruntime", cpu, "fp16")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="backend"):  # wrong everywhere
         choose_backend("openvino", cpu, "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        choose_backend("torch", cpu, "int8")
     if importlib.util.find_spec("tensorrt") is None:  # on a GPU machine without TensorRT: one clear warning
         with pytest.warns(UserWarning, match="pip install tensorrt"):
             backend, why = choose_backend("auto", torch.device("cuda"), "fp32")
         assert backend == "torch" and "not installed" in why
-        with pytest.raises(ImportError, match="pip install tensorrt"):
+        with pytest.raises(Unavailable, match="pip install tensorrt"):
             choose_backend("tensorrt", torch.device("cuda"), "fp32")
+
+
+def test_backends_follow_the_dispatch_convention(denoiser, cache):
+    assert set(names(IMPLEMENTATIONS)) == set(BACKENDS) and deploy.BACKENDS == BACKENDS
+    assert all(isinstance(backend, Implementation) for backend in IMPLEMENTATIONS)
+    cpu = torch.device("cpu")
+    assert TensorRTBackend().not_supported_reasons(cpu, "fp32") == ["needs a CUDA device"]
+    assert OnnxRuntimeBackend().not_supported_reasons(cpu, "fp16") == ["runs fp32 only, not fp16"]
+    assert OnnxRuntimeBackend().not_supported_reasons(cpu, "fp32") == []  # onnx and onnxruntime are installed here
+    with pytest.raises(Unavailable, match=r"impl='tensorrt' cannot run here: needs a CUDA device"):
+        deploy.compile(denoiser, grid=(4, 4), backend="tensorrt", device="cpu", cache_dir=cache)
+
+    fp32 = deploy.compile(denoiser, grid=(4, 4), backend="auto", device="cpu", cache_dir=cache)
+    assert fp32.backend == "onnxruntime" and fp32.why == "onnxruntime runs float32 faster than eager torch on the CPU"
+    assert set(fp32.files) == {"onnx"}
+    with pytest.warns(UserWarning, match="'onnxruntime' cannot run .*fp32 only.*runs 'torch'"):
+        fp16 = deploy.compile(denoiser, grid=(4, 4), backend="auto", precision="fp16", device="cpu", cache_dir=cache)
+    assert fp16.backend == "torch" and fp16.why.startswith("not onnxruntime: runs fp32 only, not fp16; torch")
+    assert fp16.files == {} and repr(fp16).startswith("CompiledModule(backend='torch'")
+    tokens = torch.randn(1, 128, 4, 4)
+    with torch.no_grad():
+        expected = denoiser(tokens)
+    assert rel_err(fp32(tokens), expected) <= 1e-4 and 0 < rel_err(fp16(tokens), expected) <= 2e-2
+
+
+def test_missing_packages_are_unavailable_naming_what_to_install(monkeypatch, tmp_path):
+    for package in ("tensorrt", "onnxruntime", "onnxscript"):
+        monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
+    with pytest.raises(Unavailable, match="pip install tensorrt"):
+        require_tensorrt()
+    with pytest.raises(Unavailable, match="pip install onnxruntime"):
+        require_onnxruntime()
+    with pytest.raises(Unavailable, match="onnxscript is not installed"):
+        deploy.export_onnx(torch.nn.Linear(2, 2), (2,), tmp_path / "linear.onnx")
+    reasons = OnnxRuntimeBackend().not_supported_reasons(torch.device("cpu"), "fp32")
+    assert len(reasons) == 2 and "pip install onnxruntime" in reasons[0] and "onnxscript" in reasons[1]
+    assert choose_backend("auto", torch.device("cpu"), "fp32")[0] == "torch"
 
 
 def test_compiled_input_checks(denoiser, cache):
@@ -136,14 +182,15 @@ def test_compiled_input_checks(denoiser, cache):
 def test_cli_export(denoiser, tmp_path, capsys):
     path = denoiser.save(tmp_path / "den.safetensors")
     arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--grid", "5", "5", "--batch", "2",
-                 "--cache-dir", str(tmp_path / "cache"), "--repeat", "2"]
+                 "--cache-dir", str(tmp_path / "cache"), "--repeat", "2", "--device", "cpu"]  # auto: onnxruntime
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert "backend onnxruntime" in printed and (tmp_path / "out" / "denoiser-5x5-b2.onnx").is_file()
     error = float(printed.split("relative error vs eager float32: ")[1].split(";")[0])
     assert error <= 1e-4
-    assert main(arguments + ["--backend", "tensorrt", "--device", "cpu"]) == 2
-    assert "needs a CUDA device" in capsys.readouterr().err
+    assert main(arguments + ["--backend", "tensorrt", "--device", "cpu"]) == 1  # Unavailable here
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "needs a CUDA device" in error and "backend failed" not in error
 
 
 def test_cli_export_torch_bf16_leaves_the_eager_check_in_float32(denoiser, tmp_path, capsys):
@@ -224,7 +271,7 @@ def test_cli_export_of_vit_plus_denoiser(tmp_path, capsys):
     den = Denoiser(384, grid=(2, 2), backbone=NAME)
     path = den.save(tmp_path / "den.safetensors")
     arguments = ["export", str(path), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
-                 "--pretrained", "no", "--cache-dir", str(tmp_path / "cache"), "--repeat", "1"]
+                 "--pretrained", "no", "--cache-dir", str(tmp_path / "cache"), "--repeat", "1", "--device", "cpu"]
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert (tmp_path / "out" / "vit_small_patch14_dinov2-dvt-28-b1.onnx").is_file()

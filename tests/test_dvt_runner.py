@@ -13,7 +13,8 @@ from fastsrt.dvt.runner import FORMAT, fit_folder, load_fit, shard
 from fastsrt.io import normalize, save_tensors
 
 CONFIG = DecomposeConfig(views=3, iterations=4, size=32, tokens_per_step=32,
-                         encoding=GridEncodingConfig(levels=3, features=2, log2_table_size=8, base_resolution=4, max_resolution=16))
+                         encoding=GridEncodingConfig(levels=3, features=2, log2_table_size=8, base_resolution=4,
+                                                     max_resolution=16))
 GOOD = ["a", "b", "c", "d"]
 FIT = runner_module.fit_decomposition
 
@@ -127,7 +128,8 @@ def test_images_fitted_in_groups_give_the_files_of_one_at_a_time(folder, tmp_pat
     fit_folder(folder, tmp_path / "single", backbone, CONFIG, progress=False)  # other groups and positions
     seeds = set()
     for stem in GOOD:
-        (grouped, meta), (single, _) = (load_fit(tmp_path / out / f"{stem}.safetensors") for out in ("groups", "single"))
+        (grouped, meta), (single, _) = (load_fit(tmp_path / out / f"{stem}.safetensors")
+                                        for out in ("groups", "single"))
         assert all(torch.allclose(grouped[key], single[key], rtol=1e-6, atol=1e-7) for key in grouped), stem
         assert meta["image_seed"] == runner_module.image_seed(0, stem)
         seeds.add(meta["image_seed"])
@@ -192,7 +194,8 @@ def test_pairs_of_a_timm_module_train_a_denoiser_that_module_accepts(folder, tmp
     assert load_fit(tmp_path / "fits" / "a.safetensors")[1]["model"] == "vit_small_patch14_dinov2.lvd142m"
     pairs = PairFolder(tmp_path / "fits")
     assert pairs.backbone == "vit_small_patch14_dinov2.lvd142m"
-    denoiser = train_denoiser(pairs, tmp_path / "den.safetensors", TrainConfig(epochs=1, batch_size=2), progress=False).denoiser
+    config = TrainConfig(epochs=1, batch_size=2)
+    denoiser = train_denoiser(pairs, tmp_path / "den.safetensors", config, progress=False).denoiser
     assert denoiser.backbone == "vit_small_patch14_dinov2.lvd142m"
     images = torch.randn(1, 3, 28, 28)
     assert fastsrt.DVT(vit, denoiser)(images).shape == (1, 64, 2, 2)
@@ -205,5 +208,6 @@ def test_pairs_without_a_timm_name_train_a_denoiser_for_any_backbone(folder, tmp
     fit_folder(folder, tmp_path / "fits", backbone, CONFIG, progress=False)
     assert PairFolder(tmp_path / "fits").backbone is None
     tensors, metadata = load_fit(tmp_path / "fits" / "a.safetensors")
-    save_tensors(tmp_path / "fits" / "a.safetensors", tensors, {**metadata, "model": "VisionTransformer"})  # older files
+    # older files held the model's class name
+    save_tensors(tmp_path / "fits" / "a.safetensors", tensors, {**metadata, "model": "VisionTransformer"})
     assert PairFolder(tmp_path / "fits").backbone is None

@@ -22,7 +22,8 @@ def test_edge_cases():
     assert warmup_cosine(0, 5, 1.0, 0.1, 0) == pytest.approx(1.0)  # no warm-up: the cosine starts at the peak
     assert warmup_cosine(4, 5, 1.0, 0.1, 0) == pytest.approx(0.1)
     assert warmup_cosine(0, 1, 1.0, 0.1, 0) == pytest.approx(1.0)  # a single step runs at the peak
-    assert [warmup_cosine(s, 2, 1.0, 0.1, 5) for s in range(2)] == pytest.approx([1.0, 1.0])  # warm-up capped at total - 1
+    # warm-up capped at total - 1
+    assert [warmup_cosine(s, 2, 1.0, 0.1, 5) for s in range(2)] == pytest.approx([1.0, 1.0])
     with pytest.raises(ValueError, match="outside"):
         warmup_cosine(5, 5, 1.0, 0.1, 0)
     with pytest.raises(ValueError, match="warmup_steps"):
@@ -31,7 +32,8 @@ def test_edge_cases():
 
 def test_both_stages_use_it():
     config = DecomposeConfig(iterations=1000, warmup=0.1)
-    assert [config.learning_rate(s) for s in range(1000)] == [warmup_cosine(s, 1000, 1e-2, 1e-3, 100) for s in range(1000)]
+    expected = [warmup_cosine(s, 1000, 1e-2, 1e-3, 100) for s in range(1000)]
+    assert [config.learning_rate(s) for s in range(1000)] == expected
     import fastsrt.dvt.train as train
 
     assert train.warmup_cosine is warmup_cosine and not hasattr(train, "learning_rate")

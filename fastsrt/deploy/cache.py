@@ -34,7 +34,8 @@ def module_hash(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(weights: str, input_shape, batch: tuple[int, int, int], precision: str, runtime: str, device: str = "") -> str:
+def cache_key(weights: str, input_shape, batch: tuple[int, int, int], precision: str, runtime: str,
+              device: str = "") -> str:
     """The file name stem for one build: weights hash, per-sample input shape, (min, opt, max)
     batch, precision, runtime with version (e.g. "tensorrt-10.3.0") and target device."""
     fields = {"weights": weights, "input_shape": [int(v) for v in input_shape], "batch": [int(v) for v in batch],

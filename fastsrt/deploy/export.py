@@ -1,7 +1,7 @@
 """Export to ONNX at a fixed token grid / image size with a dynamic batch axis.
 
 timm's ``dynamic_img_size`` resamples the ViT's positional embedding with an antialiased bicubic
-resize that neither ONNX nor TensorRT accepts (REFERENCE.md, traps), and the denoiser resamples
+resize that neither ONNX nor TensorRT accepts (docs/traps.md), and the denoiser resamples
 its own the same way at other grids. So the size is fixed before export: the denoiser through
 ``Denoiser.at_grid``, the ViT through timm's ``set_input_size`` (``fixed_size_model``); the
 exported graphs then only add a constant positional embedding.
@@ -18,6 +18,7 @@ from torch import nn
 
 from fastsrt.backbone import Backbone, as_backbone, model_name
 from fastsrt.dvt.denoiser import Denoiser, same_backbone
+from fastsrt.errors import Unavailable
 from fastsrt.io import atomic_path
 
 
@@ -25,15 +26,16 @@ def fixed_size_model(model: nn.Module, image_size: tuple[int, int]) -> nn.Module
     """A copy of a timm ViT that takes only ``image_size`` images, its positional embedding
     resampled once (timm's set_input_size), the dynamic-size path switched off. Checked against
     the original on a random image."""
-    if not hasattr(model, "set_input_size"):
-        raise TypeError(f"{type(model).__name__} has no set_input_size; cannot fix its input size for export")
+    if not hasattr(model, "set_input_size"):  # a timm model of another family: the value, not its type, is wrong
+        raise ValueError(f"{type(model).__name__} has no set_input_size; cannot fix its input size for export")
     fixed = copy.deepcopy(model).eval()
     fixed.set_input_size(img_size=tuple(image_size))
     if getattr(fixed, "dynamic_img_size", False):
         fixed.dynamic_img_size = False
         fixed.patch_embed.flatten = True  # the dynamic path had it emit (B, h, w, C) grids
     parameter = next(model.parameters())
-    probe = torch.randn(1, model.patch_embed.proj.in_channels, *image_size, device=parameter.device, dtype=parameter.dtype)
+    probe = torch.randn(1, model.patch_embed.proj.in_channels, *image_size, device=parameter.device,
+                        dtype=parameter.dtype)
     with torch.no_grad():
         expected, actual = model.forward_features(probe), fixed.forward_features(probe)
     if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-4, atol=1e-4):
@@ -75,7 +77,7 @@ def require_onnx_export() -> None:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"ONNX export needs onnx and onnxscript ({error.name} is missing): "
+        raise Unavailable(f"ONNX export needs onnx and onnxscript ({error.name} is not installed): "
                           "pip install onnx onnxscript (or fastsrt[onnx])") from None
 
 

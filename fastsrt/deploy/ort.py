@@ -7,14 +7,21 @@ import os
 import numpy as np
 import torch
 
+from fastsrt.errors import Unavailable
+
 
 def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
-                          "(onnxruntime-gpu for CUDA), or fastsrt[onnx]") from None
+        raise Unavailable("onnxruntime is not installed: pip install onnxruntime (onnxruntime-gpu for CUDA), "
+                          "or fastsrt[onnx]") from None
     return onnxruntime
+
+
+def cuda_provider_missing() -> bool:
+    """Whether this onnxruntime lacks the CUDA execution provider (the CPU-only package)."""
+    return "CUDAExecutionProvider" not in require_onnxruntime().get_available_providers()
 
 
 class OnnxRuntimeRunner:
@@ -25,8 +32,8 @@ class OnnxRuntimeRunner:
         self.device = torch.device(device)
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError("this onnxruntime has no CUDA execution provider: pip install onnxruntime-gpu")
+            if cuda_provider_missing():
+                raise Unavailable("this onnxruntime has no CUDA execution provider: pip install onnxruntime-gpu")
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

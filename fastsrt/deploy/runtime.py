@@ -1,30 +1,25 @@
 """``fastsrt.deploy.compile``: the denoiser (or ViT + denoiser) as the fastest callable the machine
 allows, at a fixed token grid (image size) and a maximum batch.
 
-Backends: "tensorrt" (ONNX -> engine, cached on disk), "torch" (torch.compile + one CUDA graph
-on a GPU, eager on the CPU), "onnxruntime" (the exported ONNX file), and "auto": TensorRT where
-it imports and a GPU is present, otherwise the next best; the choice and the reason are logged
-and kept on the result (``.backend``, ``.why``).
+Backends (``fastsrt.deploy.backends``): "tensorrt" (ONNX -> engine, cached on disk), "torch"
+(torch.compile + one CUDA graph on a GPU, eager on the CPU), "onnxruntime" (the exported ONNX
+file), and "auto": TensorRT where it imports and a GPU is present, otherwise the next best; the
+choice and the reason are logged and kept on the result (``.backend``, ``.why``).
 """
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastsrt.checks import check_choice
-from fastsrt.deploy.cache import cache_key, default_cache_dir, module_hash
-from fastsrt.deploy.export import OPSET, FixedSizePipeline, export_onnx, require_onnx_export
-from fastsrt.deploy.ort import OnnxRuntimeRunner, require_onnxruntime
-from fastsrt.deploy.tensorrt_engine import PRECISIONS, TensorRTRunner, build_engine, require_tensorrt, tensorrt_version
-from fastsrt.deploy.torch_graph import TorchRunner
+from fastsrt.deploy.backends import select_backend
+from fastsrt.deploy.cache import default_cache_dir
+from fastsrt.deploy.export import FixedSizePipeline
 from fastsrt.dvt.denoiser import Denoiser
 
-BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
 logger = logging.getLogger("fastsrt.deploy")
 
 
@@ -57,47 +52,6 @@ class CompiledModule:
                 f"precision={self.precision!r}, device={str(self.device)!r})")
 
 
-def _importable(require) -> str | None:
-    """None if the package imports, else the message saying what to install."""
-    try:
-        require()
-        return None
-    except ImportError as error:
-        return str(error)
-
-
-def choose_backend(backend: str, device: torch.device, precision: str) -> tuple[str, str]:
-    """(backend, why). An explicit backend that cannot run here raises with what to install."""
-    check_choice("backend", backend, BACKENDS)
-    check_choice("precision", precision, PRECISIONS)
-    on_gpu = device.type == "cuda"
-    if backend == "tensorrt":
-        if not on_gpu:
-            raise ValueError("the tensorrt backend needs a CUDA device")
-        require_tensorrt()
-        return backend, "asked for"
-    if backend == "onnxruntime":
-        if precision != "fp32":
-            raise ValueError(f"the onnxruntime backend runs fp32 only, got precision={precision!r}; use tensorrt or torch")
-        require_onnxruntime()
-        require_onnx_export()
-        return backend, "asked for"
-    if backend == "torch":
-        return backend, "asked for"
-    # auto
-    if on_gpu:
-        missing = _importable(require_tensorrt)
-        if missing is None:
-            return "tensorrt", "TensorRT imports and a CUDA GPU is present"
-        warnings.warn(f"{missing}. Using torch.compile + CUDA graph instead.")
-        return "torch", "TensorRT is not installed (pip install tensorrt)"
-    missing = _importable(require_onnxruntime) or _importable(require_onnx_export)
-    if precision == "fp32" and missing is None:
-        return "onnxruntime", "no CUDA GPU (TensorRT needs one); onnxruntime runs float32 faster than eager torch on the CPU"
-    reason = missing or f"onnxruntime runs fp32 only, precision={precision!r}"
-    return "torch", f"no CUDA GPU (TensorRT needs one) and {reason}: eager torch"
-
-
 def compile_module(module: nn.Module, input_shape, batch: int, backend: str = "auto", precision: str = "fp32",
                    device=None, cache_dir: str | os.PathLike | None = None, **torch_options) -> CompiledModule:
     """Any fixed-size module (B, *input_shape) -> output behind the chosen backend (see ``compile``)."""
@@ -105,34 +59,11 @@ def compile_module(module: nn.Module, input_shape, batch: int, backend: str = "a
         raise ValueError(f"batch must be >= 1, got {batch}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     input_shape = tuple(int(v) for v in input_shape)
-    backend, why = choose_backend(backend, device, precision)
-    logger.info("fastsrt.deploy: backend %s (%s)", backend, why)
-    module = module.eval()
-    if backend == "torch":
-        runner = TorchRunner(module, input_shape, batch, precision, device, **torch_options)
-        return CompiledModule(runner, backend, why, input_shape, batch, device, precision, {})
-
+    chosen, why = select_backend(backend, device, precision)
+    logger.info("fastsrt.deploy: backend %s (%s)", chosen.name, why)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    weights = module_hash(module)
-    onnx_key = cache_key(weights, input_shape, (1, batch, batch), "fp32", f"onnx{OPSET}-torch{torch.__version__}")
-    onnx_path = cache / "onnx" / f"{onnx_key}.onnx"
-    if not onnx_path.is_file():
-        logger.info("fastsrt.deploy: exporting ONNX -> %s", onnx_path)
-        export_onnx(module, input_shape, onnx_path, max_batch=batch)
-    files = {"onnx": onnx_path}
-    if backend == "onnxruntime":
-        runner = OnnxRuntimeRunner(onnx_path, device)
-    else:
-        gpu = torch.cuda.get_device_properties(device)
-        engine_key = cache_key(weights, input_shape, (1, batch, batch), precision, f"tensorrt-{tensorrt_version()}",
-                               f"{gpu.name} sm{gpu.major}{gpu.minor}")
-        engine_path = cache / "engines" / f"{engine_key}.engine"
-        if not engine_path.is_file():
-            logger.info("fastsrt.deploy: building TensorRT engine -> %s", engine_path)
-            build_engine(onnx_path, engine_path, input_shape, (1, batch, batch), precision)
-        files["engine"] = engine_path
-        runner = TensorRTRunner(engine_path, device)
-    return CompiledModule(runner, backend, why, input_shape, batch, device, precision, files)
+    runner, files = chosen(module.eval(), input_shape, batch, precision, device, cache, **torch_options)
+    return CompiledModule(runner, chosen.name, why, input_shape, batch, device, precision, files)
 
 
 def compile(denoiser: Denoiser, grid=(37, 37), batch: int = 1, backend: str = "auto", precision: str = "fp32",
@@ -147,7 +78,8 @@ def compile(denoiser: Denoiser, grid=(37, 37), batch: int = 1, backend: str = "a
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"compile takes a fastsrt.dvt.Denoiser, got {type(denoiser).__name__}")
     fixed = denoiser.at_grid(grid)
-    return compile_module(fixed, (fixed.dim, *fixed.grid), batch, backend, precision, device, cache_dir, **torch_options)
+    return compile_module(fixed, (fixed.dim, *fixed.grid), batch, backend, precision, device, cache_dir,
+                          **torch_options)
 
 
 def compile_pipeline(model, denoiser: Denoiser, image_size, batch: int = 1, backend: str = "auto",

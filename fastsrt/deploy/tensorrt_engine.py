@@ -2,7 +2,7 @@
 dynamic batch profile) through TensorRT's own Python API, run on torch CUDA tensors in place.
 
 TensorRT is imported only when this backend is asked for; ``require_tensorrt`` turns its
-absence into one clear message naming the package.
+absence into one ``Unavailable`` naming the package.
 """
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from pathlib import Path
 
 import torch
 
+from fastsrt.checks import check_choice
+from fastsrt.errors import Unavailable
 from fastsrt.io import atomic_path
-
-PRECISIONS = ("fp32", "fp16", "bf16")
+from fastsrt.options import PRECISIONS
 
 
 def require_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise ImportError("the tensorrt backend needs NVIDIA TensorRT's Python package: pip install tensorrt "
-                          "(or fastsrt[trt]); it runs on CUDA GPUs only") from None
+        raise Unavailable("TensorRT is not installed: pip install tensorrt (or fastsrt[trt]); it runs on CUDA GPUs "
+                          "only") from None
     return tensorrt
 
 
@@ -34,13 +35,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, i
     """Builds a TensorRT engine for inputs (B, *input_shape) with min/opt/max B = ``batch`` and
     writes it atomically to ``engine_path``. fp16/bf16 let TensorRT pick reduced-precision
     kernels; the engine's inputs and outputs stay float32."""
+    check_choice("precision", precision, PRECISIONS)
     trt = require_tensorrt()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    major = int(trt.__version__.split(".")[0])  # TensorRT 10 has only explicit-batch networks, and no flag for it
+    network = builder.create_network(0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -85,8 +85,10 @@ class TensorRTRunner:
         inputs = inputs.detach().to(self.device, torch.float32).contiguous()
         with torch.cuda.device(self.device):  # the engine's GPU, whatever the caller's current device
             if not self.context.set_input_shape(self.input, tuple(inputs.shape)):
-                raise RuntimeError(f"TensorRT refused input shape {tuple(inputs.shape)} (outside the engine's profile?)")
-            outputs = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device=self.device)
+                raise RuntimeError(f"TensorRT refused input shape {tuple(inputs.shape)} "
+                                   "(outside the engine's profile?)")
+            shape = tuple(self.context.get_tensor_shape(self.output))
+            outputs = torch.empty(shape, dtype=torch.float32, device=self.device)
             self.context.set_tensor_address(self.input, inputs.data_ptr())
             self.context.set_tensor_address(self.output, outputs.data_ptr())
             if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):

@@ -11,7 +11,8 @@ import copy
 import torch
 from torch import nn
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from fastsrt.options import torch_dtype
+
 # torch.compile modes that capture CUDA graphs themselves: a second capture around them fails
 GRAPHING_MODES = ("reduce-overhead", "max-autotune")
 
@@ -22,16 +23,19 @@ class TorchRunner:
 
     def __init__(self, module: nn.Module, input_shape, batch: int, precision: str = "fp32", device="cpu",
                  compile: bool | None = None, cuda_graph: bool | None = None, compile_mode: str = "default"):
-        self.device, self.dtype = torch.device(device), DTYPES[precision]
+        self.device, self.dtype = torch.device(device), torch_dtype(precision)
         on_gpu = self.device.type == "cuda"
         self.compiled = on_gpu if compile is None else compile
         use_graph = on_gpu if cuda_graph is None else cuda_graph
         if use_graph and self.compiled and compile_mode in GRAPHING_MODES:
-            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs itself; pass cuda_graph=False with it")
+            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs itself; "
+                             "pass cuda_graph=False with it")
         if use_graph and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         module = copy.deepcopy(module).to(self.device, self.dtype).eval().requires_grad_(False)
-        self.function = torch.compile(module, mode=compile_mode, fullgraph=True, dynamic=False) if self.compiled else module
+        if self.compiled:
+            module = torch.compile(module, mode=compile_mode, fullgraph=True, dynamic=False)
+        self.function = module
         self.graph = None
         if use_graph:
             self._capture(tuple(input_shape), batch)

@@ -1,4 +1,4 @@
-"""DVT stage 2: the distilled denoiser (REFERENCE.md, "Stage 2: the denoiser").
+"""DVT stage 2: the distilled denoiser (docs/method.md, "DVT stage 2").
 
 One standard ViT block (or N of them) on the backbone's final normed patch tokens, after adding a
 learnable positional embedding (1, h*w, C) that is resampled to other token grids with timm's
@@ -105,7 +105,8 @@ class Denoiser(nn.Module):
         """The positional embedding (1, h*w, C) for an (h, w) grid: the trained one, or resampled."""
         if tuple(grid) == self.grid:
             return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.grid), num_prefix_tokens=0)
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.grid),
+                                      num_prefix_tokens=0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_token_grid(tokens, self.dim)
@@ -195,7 +196,7 @@ def _read_authors(path: Path) -> tuple[dict, dict]:
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     dropped = sorted({k.split(".")[0] for k in state if not (k == "pos_embed" or k.startswith("denoiser."))})
     if dropped:  # e.g. the ViT itself ("vit.*") in a full training checkpoint
-        warnings.warn(f"{path.name}: ignoring entries other than the denoiser: {', '.join(dropped)}")
+        warnings.warn(f"{path.name}: ignoring entries other than the denoiser: {', '.join(dropped)}", stacklevel=3)
     state = {k: v for k, v in state.items() if k == "pos_embed" or k.startswith("denoiser.")}
     # the released files are named after their backbone, e.g. vit_base_patch14_dinov2.lvd142m.pth
     return state, ({"backbone": path.stem} if is_model(path.stem) else {})

@@ -87,7 +87,8 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
 
     def fit_group(group: list[tuple[Path, torch.Tensor]]) -> None:
         seeds = [image_seed(seed, path.stem) for path, _ in group]
-        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seeds, device=device)
+        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seeds,
+                                         device=device)
         results = fit_decomposition(features, config, seed=seeds, impl=impl, progress=progress)
         for (path, image), result, one_seed in zip(group, results, seeds):
             tensors = {key: getattr(result, key) for key in KEYS}
@@ -135,7 +136,8 @@ def load_pair(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{str(path)!r} is not a DVT stage-1 file: no tensor {missing[0]!r}")
     raw, clean = tensors["raw"], tensors["clean"]
     if raw.dim() != 3 or raw.shape != clean.shape:
-        raise ValueError(f"{str(path)!r}: raw {tuple(raw.shape)} and clean {tuple(clean.shape)} must be equal (C, K, K)")
+        raise ValueError(f"{str(path)!r}: raw {tuple(raw.shape)} and clean {tuple(clean.shape)} "
+                         "must be equal (C, K, K)")
     return raw, clean
 
 

@@ -1,4 +1,4 @@
-"""The learning-rate schedule of both DVT stages (REFERENCE.md): a linear warm-up, then a cosine
+"""The learning-rate schedule of both DVT stages (docs/method.md): a linear warm-up, then a cosine
 decay to a floor. Stage 1: 10% warm-up, 1e-2 -> 1e-3; stage 2: 15% warm-up, cosine to 1e-6."""
 from __future__ import annotations
 

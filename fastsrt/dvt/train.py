@@ -1,4 +1,4 @@
-"""Training the DVT denoiser on (raw, target) token-grid pairs (REFERENCE.md, DVT stage 2).
+"""Training the DVT denoiser on (raw, target) token-grid pairs (docs/method.md, "DVT stage 2").
 
 Defaults are the paper's: loss mse + (1 - cosine), AdamW (0.9, 0.999) with weight decay 1e-5,
 lr 2e-4 * sqrt(batch / 256), 15% linear warm-up then cosine to 1e-6, 10 epochs of batch 64.
@@ -34,11 +34,12 @@ from fastsrt.io import (
     normalize,
     tensor_shapes,
 )
+from fastsrt.options import AMPS, torch_dtype
 from fastsrt.srt import SRT
 
-AMPS = ("auto", "bf16", "fp16", "none")
 # config fields that change the result: a resumed run must agree on them
-_RESULT_FIELDS = ("epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "betas", "amp", "num_blocks", "seed")
+_RESULT_FIELDS = ("epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "betas", "amp", "num_blocks",
+                  "seed")
 
 
 @dataclass
@@ -221,7 +222,8 @@ def train_denoiser(
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
     steps_per_epoch = len(source) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(source)} training pairs are fewer than one batch ({config.batch_size}); lower batch_size")
+        raise ValueError(f"{len(source)} training pairs are fewer than one batch ({config.batch_size}); "
+                         "lower batch_size")
     total = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup * total)
 
@@ -234,7 +236,7 @@ def train_denoiser(
             torch.cuda.set_device(device)  # NCCL binds each rank to the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast_dtype = None if amp == "none" else torch_dtype(amp)
 
     if denoiser is None:
         torch.manual_seed(config.seed)
@@ -245,7 +247,8 @@ def train_denoiser(
     denoiser.to(device).train()
     model = denoiser
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=device_ids)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.base_lr(), betas=config.betas,
                                   weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -265,8 +268,8 @@ def train_denoiser(
 
     def save_state() -> None:
         if rank == 0:
-            state = {"denoiser": denoiser.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "losses": losses, "fingerprint": fingerprint}
+            state = {"denoiser": denoiser.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "losses": losses, "fingerprint": fingerprint}
             with atomic_path(state_path) as temporary:
                 torch.save(state, temporary)
 
