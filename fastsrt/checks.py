@@ -6,9 +6,6 @@ from collections.abc import Iterable
 import torch
 
 
-from fastsrt.errors import Unavailable  # noqa: F401  (old import path, kept until every module imports fastsrt.errors)
-
-
 def check_choice(name: str, value, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:

@@ -174,8 +174,8 @@ def run_demo(args) -> int:
 
 def run_fit(args) -> int:
     from fastsrt.dvt.decomposition import DecomposeConfig
-    from fastsrt.dvt.encoding import GridEncodingConfig
     from fastsrt.dvt.runner import fit_folder
+    from fastsrt.ops.grid_encoding import GridEncodingConfig
 
     device = _device(args)
     encoding = GridEncodingConfig(levels=args.levels, features=args.features, log2_table_size=args.log2_table_size,
@@ -191,7 +191,7 @@ def run_fit(args) -> int:
 
 def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     config = defaults("dvt/decomposition.py", "DecomposeConfig")
-    encoding = defaults("dvt/encoding.py", "GridEncodingConfig")
+    encoding = defaults("ops/grid_encoding/reference.py", "GridEncodingConfig")
     run = defaults("dvt/runner.py", "fit_folder")
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="output folder: one <image stem>.safetensors per image")

@@ -177,7 +177,8 @@ def test_defaults_are_the_config_dataclasses_and_signatures():
                                    ("dvt/train.py", "train_denoiser", signature_defaults(train_denoiser)),
                                    ("deploy/runtime.py", "compile", signature_defaults(compile)),
                                    ("dvt/decomposition.py", "DecomposeConfig", field_defaults(DecomposeConfig)),
-                                   ("dvt/encoding.py", "GridEncodingConfig", field_defaults(GridEncodingConfig)),
+                                   ("ops/grid_encoding/reference.py", "GridEncodingConfig",
+                                    field_defaults(GridEncodingConfig)),
                                    ("dvt/train.py", "TrainConfig", field_defaults(TrainConfig))]:
         read = defaults(source, name)
         assert read and read == {key: imported[key] for key in read}, name

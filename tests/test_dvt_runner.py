@@ -5,12 +5,12 @@ from PIL import Image
 
 import fastsrt
 from fastsrt.cli import main
-from fastsrt.dvt import encoding, iter_pairs, load_pair
+from fastsrt.dvt import iter_pairs, load_pair
 from fastsrt.dvt import runner as runner_module
 from fastsrt.dvt.decomposition import DecomposeConfig
-from fastsrt.dvt.encoding import GridEncodingConfig
 from fastsrt.dvt.runner import FORMAT, fit_folder, load_fit, shard
 from fastsrt.io import normalize, save_tensors
+from fastsrt.ops.grid_encoding import GridEncodingConfig
 
 CONFIG = DecomposeConfig(views=3, iterations=4, size=32, tokens_per_step=32,
                          encoding=GridEncodingConfig(levels=3, features=2, log2_table_size=8, base_resolution=4,
@@ -174,13 +174,13 @@ def test_cli_fit_resumes_and_reports(folder, tmp_path, capsys):
 
 
 def test_cli_fit_with_an_unavailable_extension_is_one_line(folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(encoding, "load_extension", lambda: None)  # as without a compiler
+    monkeypatch.setenv("FASTSRT_NO_EXTENSION", "1")  # the extension cannot run, as without a compiler
     args = ["fit", str(folder), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
             "--pretrained", "no", "--size", "28", "--views", "2", "--iterations", "2", "--device", "cpu",
             "--impl", "extension"]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "fastsrt: error: impl='extension' is unavailable here" in err and "Traceback" not in err
+    assert "fastsrt: error: grid encoding: impl='extension' cannot run here" in err and "Traceback" not in err
 
 
 def test_pairs_of_a_timm_module_train_a_denoiser_that_module_accepts(folder, tmp_path):

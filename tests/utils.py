@@ -1,10 +1,10 @@
 """Helpers shared by the tests (conftest.py holds only the session's settings and fixtures)."""
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import fastsrt  # noqa: F401  (makes torchvision, hence timm, importable on a CPU-only torch)
-import timm
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

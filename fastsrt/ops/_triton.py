@@ -17,10 +17,6 @@ from types import ModuleType
 
 import torch
 
-# The three functions below are the old plain-function kernel plumbing, kept only until the ops
-# move to kernel modules: jit_kernels, runnable, require.  (removed when they do)
-from fastsrt.errors import Unavailable, warn_once
-
 
 @cache
 def _import():
@@ -73,34 +69,3 @@ def on_device(tensor: torch.Tensor):
     """The context a kernel launch for ``tensor`` runs in: its GPU as the current one (Triton
     launches on the current device), nothing for CPU tensors."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
-def unavailable(device: torch.device) -> str | None:
-    reasons = not_supported_reasons(device)
-    return reasons[0] if reasons else None
-
-
-def runnable(tensor: torch.Tensor, fallback: str) -> bool:
-    reason = unavailable(tensor.device)
-    if reason is not None:
-        warn_once(f"{reason}: {fallback}", stacklevel=4)
-    return reason is None
-
-
-def require(tensor: torch.Tensor, what: str):
-    reason = unavailable(tensor.device)
-    if reason is not None:
-        raise Unavailable(f"{what} cannot run on this {tensor.device.type} tensor: {reason}")
-    return load()
-
-
-def jit_kernels(namespace: dict, names: tuple[str, ...]) -> None:
-    triton = load()
-    mode = interpreting()
-    if namespace.get("_triton_interpreted") is mode:
-        return
-    namespace["tl"] = triton.language
-    for name in names:
-        function = namespace[name]
-        namespace[name] = triton.jit(getattr(function, "fn", function))
-    namespace["_triton_interpreted"] = mode
