@@ -35,6 +35,11 @@ VERSIONED = ("torch", "triton", "timm", "onnxruntime", "onnx", "tensorrt")
 ROW_SECONDS = {"cpu": 1.0, "cuda": 2.0}
 MIN_ROUNDS = {"cpu": 2, "cuda": 5}
 MAX_ROUNDS = 200
+PEAK_MEMORY_NOTE = (
+    "peak MiB: the memory a path's build and first call need beyond what was allocated before them (inputs, "
+    "weights), compilation and CUDA-graph capture included. CUDA: torch.cuda.max_memory_allocated, torch's "
+    "allocator only (TensorRT's and ONNX Runtime's own memory does not show). CPU: the growth of the process's peak "
+    "resident set (VmHWM, reset before; glibc's free memory handed back first, so memory earlier rows freed counts)")
 requires_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU-only row: needs a CUDA GPU")
 
 
@@ -166,10 +171,10 @@ def measure(benchmark, build: Callable[[], Callable[[], object]], device: torch.
     """Times one path with pytest-benchmark and returns its output, for the caller's check.
 
     ``build()`` makes the path (compiles, captures, builds engines) and returns the call to time.
-    Every timed call ends with a CUDA synchronisation. With ``warmup``, the first call is untimed
-    and ``rounds`` (default: enough for ROW_SECONDS) timed calls follow; without it the first call
-    is the one timed call. peak_mib: over the build and the first call (PeakMemory). With
-    --benchmark-disable: one call, nothing measured.
+    Every timed call ends with a CUDA synchronisation. With ``warmup``, the first call (which may
+    compile) and a second, which sizes ``rounds`` (default: enough for ROW_SECONDS), are untimed,
+    then the timed rounds follow; without it the first call is the one timed call. peak_mib: over
+    the build and the first call (PeakMemory). With --benchmark-disable: one call, nothing measured.
     """
     device = torch.device(device)
 
@@ -191,7 +196,9 @@ def measure(benchmark, build: Callable[[], Callable[[], object]], device: torch.
     benchmark.extra_info.update(peak_mib=memory.mib, build_s=round(built - start, 3), first_call_s=round(first, 4))
     if warmup:
         if rounds is None:
-            rounds = math.ceil(ROW_SECONDS[device.type] / max(first, 1e-6))
+            start = time.perf_counter()
+            timed()
+            rounds = math.ceil(ROW_SECONDS[device.type] / max(time.perf_counter() - start, 1e-6))
             rounds = min(max(rounds, MIN_ROUNDS[device.type]), MAX_ROUNDS)
         benchmark.pedantic(timed, rounds=rounds)
     if bytes_moved is not None:

@@ -153,6 +153,15 @@ def expected_output(case: Case, backbone: fastsrt.Backbone, images: torch.Tensor
     return _expected[key]
 
 
+def gflop_per_view(model: torch.nn.Module, size: int) -> float:
+    """The backbone's matmul work on one view: per block 2 N C (3C + C + 2 hidden) for qkv, projection and
+    MLP, and 4 N^2 C for attention, over N tokens (prefix included)."""
+    tokens = (size // model.patch_embed.patch_size[0]) ** 2 + model.num_prefix_tokens
+    channels, hidden = model.embed_dim, model.blocks[0].mlp.fc1.out_features
+    per_block = 2 * tokens * channels * (4 * channels + 2 * hidden) + 4 * tokens**2 * channels
+    return round(len(model.blocks) * per_block / 1e9, 3)
+
+
 def test_srt_e2e(benchmark, case):
     benchmark.group = case.group
     model = load_model(case.model)
@@ -161,6 +170,7 @@ def test_srt_e2e(benchmark, case):
     shifts = fastsrt.paper_grid(VIEW_GRIDS[case.views])
     view_batch = case.views * case.batch if DEVICE.type == "cuda" else CPU_VIEW_BATCH
     info = dict(impl=case.impl, baseline=case.impl == "authors", dtype=case.dtype, images=case.batch,
+                gflop_per_view=gflop_per_view(model, case.size),
                 shape=dict(model=case.model, size=case.size, views=case.views, batch=case.batch))
 
     if case.impl == "authors":
