@@ -161,49 +161,50 @@ def copy_bandwidth(device: torch.device = DEVICE) -> float:
     return round(2 * source.numel() * 4 / best / 1e9, 2)
 
 
-def params(cases: Iterable, gpu_only: Callable[[object], bool] = lambda case: False) -> list:
+def params(cases: Iterable, gpu_only: Callable[[object], bool]) -> list:
     """pytest.param per case (each has an ``id``); the GPU-only ones skip without a GPU."""
     return [pytest.param(case, id=case.id, marks=[requires_cuda] if gpu_only(case) else []) for case in cases]
 
 
-def measure(benchmark, build: Callable[[], Callable[[], object]], device: torch.device = DEVICE,
-            rounds: int | None = None, warmup: bool = True, bytes_moved: int | None = None, **info):
+def measure(benchmark, build: Callable[[], Callable[[], object]], warmup: bool = True, bytes_moved: int | None = None,
+            **info):
     """Times one path with pytest-benchmark and returns its output, for the caller's check.
 
     ``build()`` makes the path (compiles, captures, builds engines) and returns the call to time.
     Every timed call ends with a CUDA synchronisation. With ``warmup``, the first call (which may
-    compile) and a second, which sizes ``rounds`` (default: enough for ROW_SECONDS), are untimed,
-    then the timed rounds follow; without it the first call is the one timed call. peak_mib: over
+    compile) and a second, which sizes the rounds (enough for ROW_SECONDS), are untimed, then
+    the timed rounds follow; without it the first call is the one timed call. peak_mib: over
     the build and the first call (PeakMemory). With --benchmark-disable: one call, nothing measured.
     """
-    device = torch.device(device)
-
-    def timed():
-        output = call()
-        synchronize(device)
-        return output
-
     benchmark.extra_info.update(info)
     if benchmark.disabled:
-        call = build()
-        return benchmark.pedantic(timed)
-    with PeakMemory(device) as memory:
+        return benchmark.pedantic(synchronized(build()))
+    with PeakMemory(DEVICE) as memory:
         start = time.perf_counter()
-        call = build()
+        timed = synchronized(build())
         built = time.perf_counter()
         output = timed() if warmup else benchmark.pedantic(timed, rounds=1)
         first = time.perf_counter() - built
     benchmark.extra_info.update(peak_mib=memory.mib, build_s=round(built - start, 3), first_call_s=round(first, 4))
     if warmup:
-        if rounds is None:
-            start = time.perf_counter()
-            timed()
-            rounds = math.ceil(ROW_SECONDS[device.type] / max(time.perf_counter() - start, 1e-6))
-            rounds = min(max(rounds, MIN_ROUNDS[device.type]), MAX_ROUNDS)
-        benchmark.pedantic(timed, rounds=rounds)
+        start = time.perf_counter()
+        timed()
+        rounds = math.ceil(ROW_SECONDS[DEVICE.type] / max(time.perf_counter() - start, 1e-6))
+        benchmark.pedantic(timed, rounds=min(max(rounds, MIN_ROUNDS[DEVICE.type]), MAX_ROUNDS))
     if bytes_moved is not None:
         benchmark.extra_info["gbps"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 3)
     return output
+
+
+def synchronized(call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` followed by a CUDA synchronisation, so that a timer around it sees the GPU's work."""
+
+    def timed():
+        output = call()
+        synchronize(DEVICE)
+        return output
+
+    return timed
 
 
 def merge_rows(old: list[dict], new: list[dict], key: str = "name") -> list[dict]:

@@ -278,7 +278,7 @@ def plot(op: str, rows: list[dict], path: Path) -> bool:
             memory = [(x, r["peak_mib"]) for x, r in points if r.get("peak_mib")]
             if memory:
                 grid[1][column].plot(*zip(*memory), marker="o", label=series, **style)
-        fixed = ", ".join(f"{k}={v}" for k, v in json.loads(chosen).items() if not isinstance(v, dict))
+        fixed = ", ".join(f"{k}={v}" for k, v in json.loads(chosen).items())
         for axes, what in zip(grid[:, column], ("time per call (ms)", "peak memory (MiB)")):
             axes.set(xlabel=axis, ylabel=what, xscale="log", yscale="log")
             axes.set_xticks(sorted({r["shape"][axis] for r in picked}))
@@ -303,7 +303,7 @@ def write_report(op: str, run: dict, new_rows: list[dict], out: Path) -> Path:
     old = json.loads(json_path.read_text()) if json_path.exists() else {"rows": [], "runs": []}
     rows = harness.merge_rows(old["rows"], new_rows)
     runs = {r["datetime"]: r for r in [*old["runs"], run]}
-    used = [runs[key] for key in dict.fromkeys(row["run"] for row in rows)]
+    used = [runs[key] for key in sorted({row["run"] for row in rows})]
     add_ratios(rows)
     on_gpu = run["slug"] != "cpu"
     report = {"op": op, "device": run["device"], "slug": run["slug"], "measures": measures(op), "runs": used,

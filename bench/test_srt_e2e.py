@@ -177,7 +177,7 @@ def test_srt_e2e(benchmark, case):
         output = harness.measure(benchmark, lambda: lambda: authors_loop(backbone, images, shifts), ran="authors",
                                  **info)
         _expected.clear()
-        _expected[(case.model, case.size, case.views, case.batch)] = output
+        _expected[(case.model, case.size, case.views, case.batch)] = output  # what the group's rows are checked against
         return
     if case.impl in ("floor", "floor_graph"):
         graph = case.impl == "floor_graph"
