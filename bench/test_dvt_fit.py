@@ -23,8 +23,8 @@ import fastsrt
 from bench import harness
 from bench.harness import DEVICE
 from fastsrt.dvt.decomposition import DecomposeConfig, ViewFeatures, extract_view_features, fit_decomposition
-from fastsrt.ops.grid_encoding import GridEncodingConfig, grid_encode  # the one import of the grid encoding
 from fastsrt.errors import Unavailable
+from fastsrt.ops.grid_encoding import GridEncodingConfig, grid_encode  # the one import of the grid encoding
 
 # CPU: ViT-S at 112 px (8 x 8 tokens), 9 views, 100 steps of 512 tokens, a 2^14-row table up to
 # resolution 128; the encoding rows take the paper's encoding in both settings
