@@ -28,6 +28,7 @@ from fastsrt.options import (
     BACKENDS,
     DTYPE_NAMES,
     ENCODING_IMPLS,
+    MAX_PIXELS,
     OUTPUTS,
     PADDINGS,
     PRECISIONS,
@@ -75,6 +76,11 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = "timm 
                         help="auto: pretrained weights when the network or cache has them, else random (default)")
 
 
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help="refuse images of more pixels, from their header, before decoding (default: %(default)s)")
+
+
 def _view_batch(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
@@ -102,6 +108,7 @@ def _add_srt_options(parser: argparse.ArgumentParser, size: int | None, output: 
     parser.add_argument("--size", type=int, default=size,
                         help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_max_pixels(parser)
 
 
 def _device(args) -> str:
@@ -134,7 +141,7 @@ def run_extract(args) -> int:
 
     srt = _build_srt(args)
     report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite,
-                     picture=not args.no_png)
+                     picture=not args.no_png, max_pixels=args.max_pixels)
     return _print_report("extract", report, args.out)
 
 
@@ -153,7 +160,7 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     srt = _build_srt(args)
     steps = {"load model": time.perf_counter() - start}
-    image = load_image(args.image) if args.image else sample_image(args.size)
+    image = load_image(args.image, args.max_pixels) if args.image else sample_image(args.size)
     result = features_of(srt, image, args.size)
     steps.update(result.seconds)
     start = time.perf_counter()
@@ -185,7 +192,7 @@ def run_fit(args) -> int:
                              view_batch=args.view_batch)
     report = fit_folder(args.inputs, args.out, args.model, config, layer=args.layer, images_per_fit=args.batch,
                         seed=args.seed, overwrite=args.overwrite, device=device, impl=args.impl,
-                        pretrained=PRETRAINED[args.pretrained])
+                        pretrained=PRETRAINED[args.pretrained], max_pixels=args.max_pixels)
     return _print_report("fit", report, args.out)
 
 
@@ -227,6 +234,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=run["seed"], help="(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    _add_max_pixels(parser)
 
 
 def run_train_denoiser(args) -> int:
@@ -234,7 +242,7 @@ def run_train_denoiser(args) -> int:
     from fastsrt.dvt.train import PairFolder, SRTTargets, TrainConfig, train_denoiser
 
     if args.srt_targets:
-        source = SRTTargets(args.source, _build_srt(args, output="token"), size=args.size)
+        source = SRTTargets(args.source, _build_srt(args, output="token"), size=args.size, max_pixels=args.max_pixels)
     else:
         source = PairFolder(args.source, target=args.target)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,

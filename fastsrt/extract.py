@@ -1,7 +1,10 @@
 """Feature extraction jobs: image files in, SRT feature files (and pictures) out.
 
 A folder run never loses finished work: each output is written atomically, images whose output
-exists are skipped (resume), and unreadable images are reported while the others are written.
+exists are skipped (resume), and an image that fails (it cannot be read, or computing its features
+runs out of memory: ``IMAGE_FAILURES``) is reported while the others are written. What would fail
+every image the same way ends the run: what cannot run here, a bad setting, an error while writing
+to the output folder, Ctrl-C.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from tqdm import tqdm
 
 from fastsrt.backbone import model_name
 from fastsrt.backbone_fused import precision
+from fastsrt.errors import Unavailable
 from fastsrt.io import (
-    ImageReadError,
+    IMAGE_FAILURES,
     JobReport,
+    check_max_pixels,
     check_unique_stems,
     list_images,
     load_image,
@@ -28,6 +33,7 @@ from fastsrt.io import (
     save_png,
     save_tensors,
 )
+from fastsrt.options import MAX_PIXELS
 from fastsrt.srt import SRT
 from fastsrt.viz import heat_colors, pca_colors, side_by_side, to_uint8_image
 
@@ -81,9 +87,11 @@ def comparison_picture(result: ImageFeatures) -> Image.Image:
 
 
 def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False,
-            picture: bool = True, progress: bool = True) -> JobReport:
+            picture: bool = True, progress: bool = True, max_pixels: int = MAX_PIXELS) -> JobReport:
     """For every image in ``inputs`` (files or folders): ``OUT/<stem>.safetensors`` with tensors
-    "raw" (C, h, w) and "srt" and, with ``picture``, ``OUT/<stem>.png``."""
+    "raw" (C, h, w) and "srt" and, with ``picture``, ``OUT/<stem>.png``. Images of more than
+    ``max_pixels`` pixels are refused (``load_image``)."""
+    check_max_pixels(max_pixels)
     paths = list_images(inputs)
     check_unique_stems(paths)
     out_dir = Path(out_dir)
@@ -98,12 +106,12 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
             report.skipped.append(path)
             continue
         try:
-            image = load_image(path)
-        except ImageReadError as error:
-            report.failed.append((path, str(error)))
-            tqdm.write(f"fastsrt: skipped: {error}")
+            result = features_of(srt, load_image(path, max_pixels), short_side)
+        except Unavailable:
+            raise
+        except IMAGE_FAILURES as error:  # this image's failure (module doc)
+            report.fail(path, error)
             continue
-        result = features_of(srt, image, short_side)
         if picture:
             save_png(target.with_suffix(".png"), comparison_picture(result))
         save_tensors(target, {"raw": result.raw, "srt": result.srt, "noise": result.noise},

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from fastsrt.options import MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKGROUND = 1.0  # transparent pixels are composited on white, as a viewer or a web page shows them
+# The white level of the modes that are not 8 bits a channel. Pillow widens 16-bit PGM/PPM to mode "I" with
+# values 0..65535, so "I" is read as 16-bit data; values outside 0..65535 (a 32-bit or signed image, whose white
+# is unknown) are refused rather than clipped, as are float values outside [0, 1].
+WHITE_LEVELS = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 @dataclass
@@ -27,7 +36,17 @@ class JobReport:
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # output already there (resume)
-    failed: list[tuple[Path, str]] = field(default_factory=list)  # unreadable, with the reason
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # unreadable or failed, with the reason
+
+    def fail(self, path: Path, error: Exception) -> None:
+        """Records that ``path`` failed, with a one-line reason naming the file, and says so at once."""
+        if isinstance(error, ImageReadError):
+            reason = str(error)
+        else:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            reason = f"cannot process {str(path)!r}: {type(error).__name__}: {first_line}"
+        self.failed.append((path, reason))
+        tqdm.write(f"fastsrt: skipped: {reason}")
 
     def summary(self, out_dir) -> str:
         return (f"{len(self.written)} written, {len(self.skipped)} already done (skipped), "
@@ -40,6 +59,14 @@ class ImageReadError(ValueError):
     def __init__(self, path, reason: str):
         super().__init__(f"cannot read image {str(path)!r}: {reason}")
         self.path = Path(path)
+
+
+# What reading or computing one image raises because of that image: ImageReadError, or running out of memory
+# on its size (torch's OutOfMemoryError and its CPU allocator's failures are RuntimeErrors). A folder job records
+# these as that image's failure (JobReport.fail) and goes on. Anything else would fail every image the same way
+# and ends the job: what cannot run here (Unavailable, though a RuntimeError), a bad setting (ValueError), a bug,
+# a failed write, Ctrl-C.
+IMAGE_FAILURES = (ImageReadError, RuntimeError, MemoryError)
 
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -64,14 +91,71 @@ def check_unique_stems(paths: list[Path]) -> None:
         seen.add(path.stem)
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An RGB image file as a (3, H, W) float32 tensor in [0, 1]."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """An image file as a (3, H, W) float32 RGB tensor in [0, 1], as a viewer shows it: turned upright by
+    its EXIF orientation, converted from any mode by ``to_rgb_tensor``. An image of more than ``max_pixels``
+    pixels is refused from its header, before decoding. Raises ImageReadError (naming the file and the
+    reason) for anything that cannot be read: a missing, truncated or non-image file, a refused size."""
+    check_max_pixels(max_pixels)
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(path, str(error) or type(error).__name__) from None
-    return torch.from_numpy(array).permute(2, 0, 1)
+        with _only_fastsrt_limit(), Image.open(path) as image:  # reads the header only
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(path, f"{width} x {height} = {width * height} pixels is over the limit of "
+                                           f"{max_pixels} pixels (max_pixels, --max-pixels); not decoded")
+            image.load()  # decodes: a truncated file raises OSError here
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb_tensor(image)
+    except ImageReadError:
+        raise
+    except Exception as error:  # Pillow raises many types (OSError, SyntaxError, struct.error, EOFError...)
+        raise ImageReadError(path, f"{type(error).__name__}: {error}") from None
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be an int >= 1, got {max_pixels!r}")
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _only_fastsrt_limit():
+    """Pillow's own decompression-bomb check off while fastsrt reads, since load_image checks max_pixels:
+    Pillow warns above Image.MAX_IMAGE_PIXELS and fails above twice that (179M pixels by default), which would
+    overrule a larger max_pixels. Pillow reads that limit from a module global: the lock keeps two threads
+    from restoring each other's value."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode as a (3, H, W) float32 RGB tensor in [0, 1]: 8-bit modes (1, L, P, RGB,
+    CMYK, YCbCr...) through Pillow's conversion to RGB, divided by 255; 16-bit and float modes divided by
+    their white level (WHITE_LEVELS), never clipped; alpha (RGBA, LA, PA, P or L with a transparent colour)
+    composited on BACKGROUND. Raises ValueError for values outside the mode's range."""
+    if image.mode in WHITE_LEVELS:
+        values = np.asarray(image)
+        low, high = (values.min().item(), values.max().item()) if values.size else (0, 0)
+        white = WHITE_LEVELS[image.mode]
+        if not 0 <= low <= high <= white:  # also refuses NaN (every comparison is false)
+            raise ValueError(f"mode {image.mode} values span [{low}, {high}], outside [0, {white}]")
+        grey = values.astype(np.float32) / white
+        if "transparency" in image.info:  # a transparent grey level (16-bit PNG's tRNS)
+            grey = np.where(values == image.info["transparency"], np.float32(BACKGROUND), grey)
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+    elif image.has_transparency_data:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+        alpha = rgba[..., 3:]
+        rgb = rgba[..., :3] * alpha + BACKGROUND * (1 - alpha)
+    else:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def resize_to_patch_multiple(image: torch.Tensor, short_side: int, patch_size: int) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from fastsrt.io import to_rgb_tensor
 
 
 def sample_image(size: int = 448) -> torch.Tensor:
@@ -34,4 +35,4 @@ def sample_image(size: int = 448) -> torch.Tensor:
         t = i / 23
         x, y = (20 + 400 * t) * s, (420 - 30 * math.sin(6 * t)) * s
         draw.ellipse([x - 7 * s, y - 5 * s, x + 7 * s, y + 5 * s], fill=(190, 170, 130))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return to_rgb_tensor(image)

@@ -8,11 +8,16 @@ encoding).
 Stage 2 trains on the ("raw", "clean") pairs (``load_pair``, ``iter_pairs``).
 
 The run never loses finished work: every file is written atomically, images whose file exists
-are skipped (resume), unreadable images are reported and skipped. Each image's random draws come
+are skipped (resume), images that fail are reported and skipped. Each image's random draws come
 from a seed derived from the run's seed and its file stem (``image_seed``), so its result is the
 same whatever images share its fit, its shard, or a resumed run's grouping. Under torchrun each process
 takes the images ``rank::world_size`` of the sorted list (RANK and WORLD_SIZE from the
 environment), so the shards cover every image exactly once.
+
+An image fails when it cannot be read or fitting it runs out of memory (``IMAGE_FAILURES``); a group
+of images fitted together that fails is fitted again one image at a time, so one image's failure never
+costs the others. What would fail every image the same way ends the run: what cannot run here, a bad
+setting, an error while writing to the output folder, Ctrl-C.
 """
 from __future__ import annotations
 
@@ -32,9 +37,12 @@ from fastsrt.dvt.decomposition import (
     fit_decomposition,
 )
 from fastsrt.dvt.distributed import rank_and_world_size
+from fastsrt.errors import Unavailable
 from fastsrt.io import (
+    IMAGE_FAILURES,
     ImageReadError,
     JobReport,
+    check_max_pixels,
     check_unique_stems,
     list_images,
     load_image,
@@ -42,6 +50,7 @@ from fastsrt.io import (
     load_tensors,
     save_tensors,
 )
+from fastsrt.options import MAX_PIXELS
 
 FORMAT = "fastsrt.dvt.stage1/1"
 KEYS = ("raw", "clean", "artifact")
@@ -63,10 +72,12 @@ def shard(paths: list, rank: int | None = None, world_size: int | None = None) -
 def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfig | None = None, *, layer: int = -1,
                images_per_fit: int = 1, seed: int = 0, overwrite: bool = False, device=None, impl: str = "auto",
                patch_size: int | None = None, pretrained: bool | str = True, rank: int | None = None,
-               world_size: int | None = None, progress: bool = True) -> JobReport:
+               world_size: int | None = None, progress: bool = True, max_pixels: int = MAX_PIXELS) -> JobReport:
     """DVT stage 1 on this shard's images of ``inputs`` (a folder or file, or a list of them),
-    ``images_per_fit`` images fitted together; writes ``out_dir/<stem>.safetensors`` (module doc)."""
+    ``images_per_fit`` images fitted together; writes ``out_dir/<stem>.safetensors`` (module doc).
+    Images of more than ``max_pixels`` pixels are refused (``load_image``)."""
     config = config or DecomposeConfig()
+    check_max_pixels(max_pixels)
     if isinstance(images_per_fit, bool) or not isinstance(images_per_fit, int) or images_per_fit < 1:
         raise ValueError(f"images_per_fit must be an int >= 1, got {images_per_fit!r}")
     paths = list_images([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
@@ -87,9 +98,20 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
 
     def fit_group(group: list[tuple[Path, torch.Tensor]]) -> None:
         seeds = [image_seed(seed, path.stem) for path, _ in group]
-        features = extract_view_features([image for _, image in group], backbone, config, layer=layer, seed=seeds,
-                                         device=device)
-        results = fit_decomposition(features, config, seed=seeds, impl=impl, progress=progress)
+        try:
+            features = extract_view_features([image for _, image in group], backbone, config, layer=layer,
+                                             seed=seeds, device=device)
+            results = fit_decomposition(features, config, seed=seeds, impl=impl, progress=progress)
+        except Unavailable:
+            raise
+        except IMAGE_FAILURES as error:  # one image at a time: its seed gives it the same result alone
+            if len(group) > 1:
+                for item in group:
+                    fit_group([item])
+                return
+            report.fail(group[0][0], error)
+            bar.update()
+            return
         for (path, image), result, one_seed in zip(group, results, seeds):
             tensors = {key: getattr(result, key) for key in KEYS}
             save_tensors(out_dir / f"{path.stem}.safetensors", tensors, {
@@ -105,10 +127,9 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
             bar.update()
             continue
         try:
-            group.append((path, load_image(path)))
-        except ImageReadError as error:
-            report.failed.append((path, str(error)))
-            tqdm.write(f"fastsrt: skipped: {error}")
+            group.append((path, load_image(path, max_pixels)))
+        except ImageReadError as error:  # load_image raises nothing else for a file it cannot read
+            report.fail(path, error)
             bar.update()
             continue
         if len(group) == images_per_fit:

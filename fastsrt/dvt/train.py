@@ -27,6 +27,7 @@ from fastsrt.dvt.distributed import local_rank, rank_and_world_size
 from fastsrt.dvt.schedule import warmup_cosine
 from fastsrt.io import (
     atomic_path,
+    check_max_pixels,
     list_images,
     load_image,
     load_metadata,
@@ -34,7 +35,7 @@ from fastsrt.io import (
     normalize,
     tensor_shapes,
 )
-from fastsrt.options import AMPS, torch_dtype
+from fastsrt.options import AMPS, MAX_PIXELS, torch_dtype
 from fastsrt.srt import SRT
 
 # config fields that change the result: a resumed run must agree on them
@@ -142,13 +143,17 @@ class PairFolder(Dataset):
 class SRTTargets(Dataset):
     """A folder of images; each batch's pairs are made on the fly: the backbone's single-forward
     tokens (raw) and SRT's token-resolution features (target). Images are resized (bicubic,
-    antialiased) to ``size`` x ``size``, by default the 37 x 37 token grid of the paper."""
+    antialiased) to ``size`` x ``size``, by default the 37 x 37 token grid of the paper. An image that
+    cannot be read (``load_image``; more than ``max_pixels`` pixels, ...) ends the training with an
+    ImageReadError naming it: skipping it would change the data set that a resumed run must agree on."""
 
-    def __init__(self, images: str | os.PathLike, srt: SRT, size: int | None = None):
+    def __init__(self, images: str | os.PathLike, srt: SRT, size: int | None = None, max_pixels: int = MAX_PIXELS):
         if srt.output != "token":
             raise ValueError(f"SRT targets need output='token', got output={srt.output!r}")
         if not isinstance(srt.layer, int):
             raise ValueError(f"SRT targets take one layer, got layer={srt.layer!r}")
+        check_max_pixels(max_pixels)
+        self.max_pixels = max_pixels
         self.paths = list_images([images])
         if not self.paths:
             raise ValueError(f"{str(images)!r} holds no images")
@@ -171,7 +176,7 @@ class SRTTargets(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = load_image(self.paths[index])
+        image = load_image(self.paths[index], self.max_pixels)
         image = F.interpolate(image[None], size=(self.size, self.size), mode="bicubic", antialias=True)[0].clamp(0, 1)
         return normalize(image, self.srt.backbone.mean, self.srt.backbone.std)
 
