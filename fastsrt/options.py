@@ -15,9 +15,10 @@ BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")  # deployment of the den
 PRECISIONS = ("fp32", "fp16", "bf16")  # deployment precision
 AMPS = ("auto", "bf16", "fp16", "none")  # mixed precision when training the denoiser
 PRETRAINED = {"auto": "auto", "yes": True, "no": False}  # the command line's word -> pretrained=
-# Images with more pixels are refused from their header (fastsrt.io.load_image): above every camera's photos
-# (200 MP phone sensors: 16320 x 12240; 150 MP medium format), while reading one costs about 15 bytes a pixel
-# (3 GB here) and a decompression bomb (a PNG claiming 60000 x 60000: 54 GB) never gets decoded.
+# Images with more pixels are refused from their header (fastsrt.io.load_image). The limit lies above every
+# camera's photos (200 MP phone sensors: 16320 x 12240; 150 MP medium format) and keeps reading affordable, at
+# about 20 bytes a pixel (4 GB at the limit); a decompression bomb (a PNG claiming 60000 x 60000, 72 GB to
+# read) is never decoded.
 MAX_PIXELS = 200_000_000
 
 # dtype names -> torch dtype attribute names. A backbone dtype of "float32" means no autocast.

@@ -286,3 +286,23 @@ def test_max_pixels_reaches_every_command(tmp_path, capsys):
     assert main(["demo", "--image", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastsrt: error: cannot read image") and "bomb.png" in err and len(err.splitlines()) == 1
+
+
+def test_srt_targets_read_with_the_reader_and_its_limit(tmp_path):
+    from utils import tiny_vit
+
+    from fastsrt.dvt import SRTTargets
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)).save(folder / "a_frame16.png")
+    write_bomb(folder / "b_bomb.png")
+    srt = fastsrt.SRT(tiny_vit(), shifts=1, output="token")
+    with pytest.raises(ValueError, match="max_pixels must be"):
+        SRTTargets(folder, srt, size=28, max_pixels=0)
+    source = SRTTargets(folder, srt, size=28, max_pixels=32 * 32)
+    expected = fastsrt.io.normalize(torch.nn.functional.interpolate(
+        load_image(folder / "a_frame16.png")[None], size=(28, 28), mode="bicubic", antialias=True)[0].clamp(0, 1))
+    assert torch.equal(source[0], expected)  # scaled 16-bit values, not a white square
+    with pytest.raises(ImageReadError, match="b_bomb.png.*over the limit of 1024 pixels"):
+        source[1]
