@@ -93,9 +93,11 @@ def check_unique_stems(paths: list[Path]) -> None:
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """An image file as a (3, H, W) float32 RGB tensor in [0, 1], as a viewer shows it: turned upright by
-    its EXIF orientation, converted from any mode by ``to_rgb_tensor``. An image of more than ``max_pixels``
-    pixels is refused from its header, before decoding. Raises ImageReadError (naming the file and the
-    reason) for anything that cannot be read: a missing, truncated or non-image file, a refused size."""
+    its EXIF orientation, converted from any mode by ``to_rgb_tensor`` (the first frame of an animated or
+    multi-page file; colour profiles are not applied: values are taken as sRGB). An image of more than
+    ``max_pixels`` pixels is refused from its header, before decoding. Raises ImageReadError (naming the
+    file and the reason) for anything that cannot be read: a missing, truncated or non-image file, a
+    refused size, values outside the mode's range."""
     check_max_pixels(max_pixels)
     try:
         with _only_fastsrt_limit(), Image.open(path) as image:  # reads the header only
@@ -123,8 +125,8 @@ _PILLOW_LIMIT = threading.Lock()
 @contextlib.contextmanager
 def _only_fastsrt_limit():
     """Pillow's own decompression-bomb check off while fastsrt reads, since load_image checks max_pixels:
-    Pillow warns above Image.MAX_IMAGE_PIXELS and fails above twice that (179M pixels by default), which would
-    overrule a larger max_pixels. Pillow reads that limit from a module global: the lock keeps two threads
+    Pillow warns above Image.MAX_IMAGE_PIXELS and fails above twice that (89.5M and 179M pixels by default),
+    which would overrule a larger max_pixels. Pillow reads that limit from a module global: the lock keeps two threads
     from restoring each other's value."""
     with _PILLOW_LIMIT:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
