@@ -286,6 +286,8 @@ def test_max_pixels_reaches_every_command(tmp_path, capsys):
     assert main(["demo", "--image", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastsrt: error: cannot read image") and "bomb.png" in err and len(err.splitlines()) == 1
+    assert main(["extract", str(tmp_path), "--out", str(tmp_path / "o"), "--max-pixels", "0", *FAST]) == 2
+    assert capsys.readouterr().err == "fastsrt: error: max_pixels must be an int >= 1, got 0\n"
 
 
 def test_srt_targets_read_with_the_reader_and_its_limit(tmp_path):
