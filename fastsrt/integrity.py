@@ -50,9 +50,14 @@ def record_digest(path: str | os.PathLike) -> None:
     record_path(path).write_text(file_digest(path))
 
 
-def matches_record(path: str | os.PathLike) -> bool:
-    """Whether ``path`` exists and its bytes match the digest recorded after it was written."""
+def why_not_intact(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be trusted ("" where its bytes match the digest recorded after it was
+    written): it is missing, it has no record, or it does not match its record."""
     record = record_path(path)
-    if not (Path(path).is_file() and record.is_file()):
-        return False
-    return record.read_text().strip() == file_digest(path)
+    if not Path(path).is_file():
+        return "is missing"
+    if not record.is_file():
+        return "has no digest recorded after it was written"
+    if record.read_text().strip() != file_digest(path):
+        return "does not match the digest recorded after it was written (truncated or altered?)"
+    return ""

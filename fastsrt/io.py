@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from fastsrt.integrity import tensors_digest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGEST_KEY = "fastsrt.tensors_sha256"  # the metadata entry save_tensors writes and load_tensors checks
 
 
 @dataclass
@@ -93,15 +96,25 @@ def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Writes a safetensors file atomically: a reader never sees a half-written file, and an
-    interrupted write leaves no file behind. Metadata values that are not strings are stored as JSON."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    interrupted write leaves no file behind. Metadata values that are not strings are stored as JSON;
+    the metadata also holds the sha256 of the tensors (``DIGEST_KEY``), which ``load_tensors`` checks."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta[DIGEST_KEY] = tensors_digest(tensors)
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=meta)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a safetensors file; a ValueError naming it where they do not match the sha256
+    that ``save_tensors`` recorded (files written without one load unchecked)."""
+    with safe_open(str(path), "pt") as file:
+        recorded = (file.metadata() or {}).get(DIGEST_KEY)
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    if recorded is not None and recorded != tensors_digest(tensors):
+        raise ValueError(f"{str(path)!r} is damaged or was altered: its tensors do not match the sha256 "
+                         "recorded when it was written")
+    return tensors
 
 
 def save_png(path: str | os.PathLike, image: Image.Image) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from fastsrt.integrity import matches_record, record_digest, record_path, tensors_digest
+from fastsrt.integrity import record_digest, tensors_digest, why_not_intact
 
 logger = logging.getLogger("fastsrt.deploy")
 
@@ -52,12 +52,11 @@ def cached_file(path: Path, build: Callable[[Path], object], what: str) -> Path:
     """``path``, first built by ``build(path)`` unless it is there and matches the digest recorded
     after its last build. A file there that does not match (truncated, altered, or never
     recorded) is rebuilt with a warning naming it; ``what`` names the kind of file."""
-    if matches_record(path):
+    damage = why_not_intact(path)
+    if not damage:
         return path
     if path.exists():
-        reason = "does not match the digest recorded after its build" if record_path(path).is_file() \
-            else "has no digest recorded after its build"
-        warnings.warn(f"the cached {what} {path} {reason} (truncated or altered?): rebuilding it", stacklevel=3)
+        warnings.warn(f"the cached {what} {path} {damage}: rebuilding it", stacklevel=3)
     logger.info("fastsrt.deploy: building the %s %s", what, path)
     build(path)
     record_digest(path)

@@ -121,9 +121,12 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
 
 
 def load_fit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the metadata (JSON values decoded) of one runner output file."""
+    """The tensors and the metadata (JSON values decoded) of one runner output file; a ValueError
+    naming it where it is truncated or its tensors were altered since it was written."""
     try:
         return load_tensors(path), load_metadata(path)
+    except ValueError:  # tensors altered since they were written; load_tensors names the file
+        raise
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"cannot read DVT stage-1 file {str(path)!r}: {error}") from None
 
