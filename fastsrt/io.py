@@ -46,13 +46,21 @@ class ImageReadError(ValueError):
 
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files named directly or found (sorted, not recursively) in the folders named."""
+    """Image files named directly or found (sorted, not recursively) in the folders named. A folder's
+    symbolic links that lead nowhere (broken, or a loop) are listed, so that reading them reports
+    them; a folder holding no image file is an error, as is a named link that leads nowhere."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            images = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and (p.is_file() or (p.is_symlink() and not p.exists())))
+            if not images:
+                raise ValueError(f"{str(item)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found.extend(images)
         elif item.is_file():
             found.append(item)
+        elif item.is_symlink():
+            raise FileNotFoundError(f"{str(item)!r} is a symbolic link that leads nowhere (broken, or a loop)")
         else:
             raise FileNotFoundError(f"no such file or folder: {str(item)!r}")
     return found
@@ -98,8 +106,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Writes a safetensors file atomically: a reader never sees a half-written file, and an
     interrupted write leaves no file behind. Metadata values that are not strings are stored as JSON;
     the metadata also holds the sha256 of the tensors (``DIGEST_KEY``), which ``load_tensors`` checks."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta[DIGEST_KEY] = tensors_digest(tensors)
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=meta)

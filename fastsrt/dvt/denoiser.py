@@ -150,6 +150,8 @@ class Denoiser(nn.Module):
         file says it belongs to another backbone; ``grid`` is needed only for a non-square
         positional embedding without a config."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, not a denoiser checkpoint (.safetensors or .pth)")
         if not path.is_file():
             raise FileNotFoundError(f"no such denoiser checkpoint: {str(path)!r}")
         if path.suffix == ".safetensors":

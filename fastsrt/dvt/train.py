@@ -103,6 +103,8 @@ class PairFolder(Dataset):
 
     def __init__(self, folder: str | os.PathLike, target: str = "clean"):
         folder = Path(folder)
+        if folder.is_file():
+            raise ValueError(f"{str(folder)!r} is a file; training takes the folder of pair files that holds it")
         if not folder.is_dir():
             raise FileNotFoundError(f"no such folder of training pairs: {str(folder)!r}")
         self.files = sorted(folder.glob("*.safetensors"))
