@@ -61,10 +61,12 @@ def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Mo
             return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained not in (True, False):
         raise ValueError(f"pretrained={pretrained!r} is not one of True, False, 'auto'")
-    online = True  # whether the hub was reachable (when it was asked)
+    online = True  # whether the hub could be reached, where weights were asked for
     try:
-        with _hub_offline_unless_reachable() if pretrained else contextlib.nullcontext(True) as online:
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        if not pretrained:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        with _hub_offline_unless_reachable() as online:
+            return timm.create_model(name, pretrained=True, **kwargs)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ValueError(f"unknown timm model {name!r}") from error

@@ -225,3 +225,12 @@ def test_safetensors_files_without_a_digest_still_load(tmp_path):
     assert torch.equal(raw, tensors["raw"]) and torch.equal(clean, tensors["clean"])
     save_tensors(tmp_path / "new.safetensors", tensors, {DIGEST_KEY: "a stale digest is replaced"})
     assert torch.equal(load_tensors(tmp_path / "new.safetensors")["raw"], tensors["raw"])
+
+
+def test_an_altered_denoiser_checkpoint_is_refused_with_its_name(tmp_path):
+    """Every safetensors file fastsrt writes carries its digest: a denoiser checkpoint too."""
+    path = tmp_path / "den.safetensors"
+    Denoiser(64, grid=2).save(path)
+    alter(path, start=tensor_data_start(path) + 8)
+    with pytest.raises(ValueError, match=r"den\.safetensors' is damaged or was altered"):
+        Denoiser.load(path)
