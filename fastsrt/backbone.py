@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch import nn
 
 from fastsrt._torchvision_compat import ensure_torchvision_imports
 from fastsrt.checks import check_images
+from fastsrt.errors import Unavailable
 from fastsrt.io import IMAGENET_MEAN, IMAGENET_STD
 
 ensure_torchvision_imports()
@@ -37,8 +40,9 @@ def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Mo
     """``timm.create_model(name)`` for feature extraction at any image size.
 
     pretrained: True loads timm's pretrained weights (needs the network or a local cache), False
-    gives random weights, "auto" tries the weights (from the cache only when the Hugging Face hub
-    cannot be reached, so it answers at once offline) and falls back to random ones with a warning.
+    gives random weights, "auto" tries the weights and falls back to random ones with a warning.
+    Where the Hugging Face hub cannot be reached, weights come from the cache only, so that it
+    answers at once offline; weights that cannot be had raise ``Unavailable`` saying what to do.
     """
     kwargs.setdefault("dynamic_img_size", True)
     kwargs.setdefault("num_classes", 0)
@@ -57,24 +61,59 @@ def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Mo
             return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained not in (True, False):
         raise ValueError(f"pretrained={pretrained!r} is not one of True, False, 'auto'")
+    online = True  # whether the hub could be reached, where weights were asked for
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        if not pretrained:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        with _hub_offline_unless_reachable() as online:
+            return timm.create_model(name, pretrained=True, **kwargs)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ValueError(f"unknown timm model {name!r}") from error
         raise
+    except OSError as error:  # no network and no cached copy, a failed download, an unwritable cache
+        raise _weights_unavailable(name, error, online) from None
+
+
+def _weights_unavailable(name: str, error: OSError, hub_reachable: bool) -> Unavailable:
+    """The one-line error for pretrained weights that cannot be had, with the ways around it."""
+    from huggingface_hub import constants
+
+    cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE}) has no copy"
+    if constants.HF_HUB_OFFLINE:
+        reason = f"HF_HUB_OFFLINE is set and {cache}"
+    elif not hub_reachable:
+        reason = f"{constants.ENDPOINT} cannot be reached and {cache}"
+    else:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    return Unavailable(f"the pretrained weights of {name} could not be had: {reason}. Use random weights "
+                       "(pretrained=False, --pretrained no), a timm model built from a local weights file "
+                       "(timm.create_model(name, pretrained=True, pretrained_cfg_overlay={'file': PATH})), or "
+                       "download them once where the network is reachable (they are then cached)")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface_hub may reach its endpoint: not offline (HF_HUB_OFFLINE), and the
+    endpoint's host answers, or a proxy is set (which only a real request can test)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(variable) for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
-def _hub_offline_unless_reachable(host: str = "huggingface.co", timeout: float = 3.0):
+def _hub_offline_unless_reachable():
     """Puts huggingface_hub in offline mode (local cache only) while the hub cannot be reached,
     instead of letting each download retry for about a minute. Yields whether it is reachable."""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        reachable = True
-    except OSError:
-        reachable = False
-    if reachable:
+    if _hub_reachable():
         yield True
         return
     from huggingface_hub import constants
@@ -137,7 +176,7 @@ class TokenSource(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Checks a batch of images and pads it to a multiple of the patch size if allowed."""
-        check_images(images, self.in_chans, min_size=self.patch_size)
+        check_images(images, self.in_chans, min_size=self.patch_size, weights=next(self.parameters(), None))
         height, width = images.shape[-2:]
         pad_h, pad_w = -height % self.patch_size, -width % self.patch_size
         if pad_h or pad_w:

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from fastsrt.integrity import tensors_digest
 from fastsrt.options import MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -28,6 +29,7 @@ BACKGROUND = 1.0  # transparent pixels are composited on white, as a viewer or a
 # values 0..65535, so "I" is read as 16-bit data; values outside 0..65535 (a 32-bit or signed image, whose white
 # is unknown) are refused rather than clipped, as are float values outside [0, 1].
 WHITE_LEVELS = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+DIGEST_KEY = "fastsrt.tensors_sha256"  # the metadata entry save_tensors writes and load_tensors checks
 
 
 @dataclass
@@ -70,13 +72,21 @@ IMAGE_FAILURES = (ImageReadError, RuntimeError, MemoryError)
 
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files named directly or found (sorted, not recursively) in the folders named."""
+    """Image files named directly or found (sorted, not recursively) in the folders named. A folder's
+    symbolic links that lead nowhere (broken, or a loop) are listed, so that reading them reports
+    them; a folder holding no image file is an error, as is a named link that leads nowhere."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            images = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and (p.is_file() or (p.is_symlink() and not p.exists())))
+            if not images:
+                raise ValueError(f"{str(item)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found.extend(images)
         elif item.is_file():
             found.append(item)
+        elif item.is_symlink():
+            raise FileNotFoundError(f"{str(item)!r} is a symbolic link that leads nowhere (broken, or a loop)")
         else:
             raise FileNotFoundError(f"no such file or folder: {str(item)!r}")
     return found
@@ -182,15 +192,25 @@ def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Writes a safetensors file atomically: a reader never sees a half-written file, and an
-    interrupted write leaves no file behind. Metadata values that are not strings are stored as JSON."""
+    interrupted write leaves no file behind. Metadata values that are not strings are stored as JSON;
+    the metadata also holds the sha256 of the tensors (``DIGEST_KEY``), which ``load_tensors`` checks."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta[DIGEST_KEY] = tensors_digest(tensors)
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=meta)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a safetensors file; a ValueError naming it where they do not match the sha256
+    that ``save_tensors`` recorded (files written without one load unchecked)."""
+    with safe_open(str(path), "pt") as file:
+        recorded = (file.metadata() or {}).get(DIGEST_KEY)
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    if recorded is not None and recorded != tensors_digest(tensors):
+        raise ValueError(f"{str(path)!r} is damaged or was altered: its tensors do not match the sha256 "
+                         "recorded when it was written")
+    return tensors
 
 
 def save_png(path: str | os.PathLike, image: Image.Image) -> None:

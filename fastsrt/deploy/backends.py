@@ -8,14 +8,13 @@ name that cannot run here raises ``Unavailable`` with its reasons.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fastsrt.checks import check_choice
-from fastsrt.deploy.cache import cache_key, module_hash
+from fastsrt.deploy.cache import cache_key, cached_file, module_hash
 from fastsrt.deploy.export import OPSET, export_onnx, require_onnx_export
 from fastsrt.deploy.ort import OnnxRuntimeRunner, cuda_provider_missing, require_onnxruntime
 from fastsrt.deploy.tensorrt_engine import TensorRTRunner, build_engine, require_tensorrt, tensorrt_version
@@ -23,8 +22,6 @@ from fastsrt.deploy.torch_graph import TorchRunner
 from fastsrt.dispatch import Implementation, choose
 from fastsrt.errors import Unavailable
 from fastsrt.options import BACKENDS, PRECISIONS
-
-logger = logging.getLogger("fastsrt.deploy")
 
 
 def _missing(*requirements) -> list[str]:
@@ -40,13 +37,10 @@ def _missing(*requirements) -> list[str]:
 
 def cached_onnx(module: nn.Module, weights: str, input_shape: tuple, batch: int, cache: Path) -> Path:
     """The module (whose ``module_hash`` is ``weights``) exported to ONNX for batches up to ``batch``,
-    from the cache when it is there."""
+    from the cache when it is there and intact."""
     key = cache_key(weights, input_shape, (1, batch, batch), "fp32", f"onnx{OPSET}-torch{torch.__version__}")
-    path = cache / "onnx" / f"{key}.onnx"
-    if not path.is_file():
-        logger.info("fastsrt.deploy: exporting ONNX -> %s", path)
-        export_onnx(module, input_shape, path, max_batch=batch)
-    return path
+    return cached_file(cache / "onnx" / f"{key}.onnx",
+                       lambda path: export_onnx(module, input_shape, path, max_batch=batch), "ONNX file")
 
 
 class Backend(Implementation):
@@ -73,10 +67,9 @@ class TensorRTBackend(Backend):
         gpu = torch.cuda.get_device_properties(device)
         key = cache_key(weights, input_shape, (1, batch, batch), precision,
                         f"tensorrt-{tensorrt_version()}", f"{gpu.name} sm{gpu.major}{gpu.minor}")
-        engine_path = cache / "engines" / f"{key}.engine"
-        if not engine_path.is_file():
-            logger.info("fastsrt.deploy: building TensorRT engine -> %s", engine_path)
-            build_engine(onnx_path, engine_path, input_shape, (1, batch, batch), precision)
+        engine_path = cached_file(cache / "engines" / f"{key}.engine",
+                                  lambda path: build_engine(onnx_path, path, input_shape, (1, batch, batch), precision),
+                                  "TensorRT engine")
         return TensorRTRunner(engine_path, device), {"onnx": onnx_path, "engine": engine_path}
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastsrt._torchvision_compat import ensure_torchvision_imports
+from fastsrt.checks import check_matches_model
 from fastsrt.io import load_metadata, load_tensors, save_json, save_tensors
 
 ensure_torchvision_imports()
@@ -33,8 +34,10 @@ FORMAT = "fastsrt.denoiser"
 CONFIG_KEYS = ("dim", "grid", "num_blocks", "num_heads", "pos_embed", "backbone", "layer")
 
 
-def check_token_grid(tokens, channels: int) -> None:
-    """Token grids for a denoiser of ``channels`` features: a floating (B, channels, h, w) tensor."""
+def check_token_grid(tokens, channels: int, weights: torch.Tensor | None = None) -> None:
+    """Token grids for a denoiser of ``channels`` features: a floating (B, channels, h, w) tensor,
+    B >= 1, matching the denoiser's ``weights`` (``check_matches_model``). Their values are not
+    inspected: that would wait for the GPU at every call, and cannot run inside a CUDA graph."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor of shape (B, C, h, w), got {type(tokens).__name__}")
     if tokens.dim() != 4:
@@ -46,6 +49,10 @@ def check_token_grid(tokens, channels: int) -> None:
         )
     if not tokens.is_floating_point():
         raise TypeError(f"tokens must be floating point, got dtype {tokens.dtype}")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"tokens is an empty batch (shape {tuple(tokens.shape)}): pass at least one token grid")
+    if weights is not None:
+        check_matches_model("tokens", tokens, weights)
 
 
 def timm_name(name) -> str | None:
@@ -109,7 +116,7 @@ class Denoiser(nn.Module):
                                       num_prefix_tokens=0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        check_token_grid(tokens, self.dim)
+        check_token_grid(tokens, self.dim, next(self.parameters()))
         batch, channels, height, width = tokens.shape
         x = tokens.flatten(2).transpose(1, 2)  # (B, h*w, C)
         if self.pos_embed is not None:
@@ -150,6 +157,8 @@ class Denoiser(nn.Module):
         file says it belongs to another backbone; ``grid`` is needed only for a non-square
         positional embedding without a config."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, not a denoiser checkpoint (.safetensors or .pth)")
         if not path.is_file():
             raise FileNotFoundError(f"no such denoiser checkpoint: {str(path)!r}")
         if path.suffix == ".safetensors":

@@ -142,9 +142,14 @@ def fit_folder(inputs, out_dir: str | os.PathLike, model, config: DecomposeConfi
 
 
 def load_fit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the metadata (JSON values decoded) of one runner output file."""
+    """The tensors and the metadata (JSON values decoded) of one runner output file; a ValueError
+    naming it where it is truncated or its tensors were altered since it was written."""
+    if Path(path).is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a DVT stage-1 file (iter_pairs reads a folder)")
     try:
         return load_tensors(path), load_metadata(path)
+    except ValueError:  # tensors altered since they were written; load_tensors names the file
+        raise
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"cannot read DVT stage-1 file {str(path)!r}: {error}") from None
 

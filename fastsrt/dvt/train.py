@@ -88,13 +88,24 @@ def denoiser_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.mse_loss(prediction, target) + (1 - F.cosine_similarity(prediction, target, dim=1).mean())
 
 
+# what to do about a damaged pair file
+_REMEDY = "delete it and rerun the command that wrote it (it redoes missing files), then rerun training (it resumes)"
+
+
 class PairFolder(Dataset):
     """Stage 1's output: one ``<stem>.safetensors`` per image holding float32 "raw" and "clean"
     (C, K, K) token grids (``target`` names another key, e.g. "srt" of ``fastsrt extract
-    --output token``). Every file's header is checked up front; tensors load per item."""
+    --output token``). Every file's header is checked up front (a truncated file fails there);
+    tensors load per item, checked against the sha256 their writer recorded (an altered file fails
+    there). A damaged file stops training with an error naming it rather than being skipped: a
+    skipped pair would silently change the data, the batches and what a resumed run computes.
+    Delete it and rerun the command that wrote it (which recomputes missing files only), then
+    rerun training, which resumes from its last saved state."""
 
     def __init__(self, folder: str | os.PathLike, target: str = "clean"):
         folder = Path(folder)
+        if folder.is_file():
+            raise ValueError(f"{str(folder)!r} is a file; training takes the folder of pair files that holds it")
         if not folder.is_dir():
             raise FileNotFoundError(f"no such folder of training pairs: {str(folder)!r}")
         self.files = sorted(folder.glob("*.safetensors"))
@@ -106,7 +117,7 @@ class PairFolder(Dataset):
             try:
                 shapes = tensor_shapes(path)
             except Exception as error:  # safetensors raises several types for a damaged header
-                raise ValueError(f"cannot read pair file {str(path)!r}: {error}") from None
+                raise ValueError(f"cannot read pair file {str(path)!r}: {error}; {_REMEDY}") from None
             for key in ("raw", target):
                 if key not in shapes:
                     raise ValueError(f"pair file {str(path)!r} has no {key!r} tensor (it has {sorted(shapes)})")
@@ -129,7 +140,12 @@ class PairFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.files[index]
-        tensors = load_tensors(path)
+        try:
+            tensors = load_tensors(path)
+        except ValueError as error:  # altered since it was written; load_tensors names the file
+            raise ValueError(f"{error}; {_REMEDY}") from None
+        except Exception as error:  # truncated since the header check
+            raise ValueError(f"cannot read pair file {str(path)!r}: {error}; {_REMEDY}") from None
         raw, target = tensors["raw"].float(), tensors[self.target].float()
         if not (torch.isfinite(raw).all() and torch.isfinite(target).all()):
             raise ValueError(f"pair file {str(path)!r} contains NaN or infinite values")

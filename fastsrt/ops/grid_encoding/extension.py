@@ -5,13 +5,16 @@ The sources are the repository's top-level ``csrc/``; a wheel carries them as ``
 (setup.py maps them in), so the loader looks there first and then beside the package (a checkout
 or an editable install). The build goes to ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/fastsrt/extensions``, in a folder named by a hash of the sources, torch, Python and the
-GPU architectures compiled for, so it is compiled once and reused by later processes. CUDA kernels
+GPU architectures compiled for, so it is compiled once and reused by later processes; the
+library is loaded only while it matches the digest recorded after its build (``fastsrt.integrity``),
+and a truncated or altered one is removed and built again first. CUDA kernels
 are compiled in where torch has CUDA, a GPU is visible and nvcc is found. Where it cannot be built
 (no compiler, no sources, a failed build) or ``FASTSRT_NO_EXTENSION=1`` is set, ``why_unavailable``
 says why and the grid encoding's dispatch uses the torch reference.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -24,6 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastsrt.errors import Unavailable
+from fastsrt.integrity import record_digest, record_path, why_not_intact
 from fastsrt.ops.grid_encoding.reference import GridEncodingConfig
 
 SOURCES = ("grid_encoding.h", "grid_encoding.cpp", "grid_encoding_cuda.cu")
@@ -70,6 +74,21 @@ def build_key(with_cuda: bool) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """Holds an exclusive lock on a build folder, released when the process ends however it ends
+    (flock). Where there is no flock, torch's own lock still serialises the build itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / "fastsrt.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @functools.cache
 def build_extension() -> tuple[ModuleType | None, str]:
     """(the compiled extension module, "") or (None, why it cannot be built here); it is built at
@@ -88,22 +107,31 @@ def build_extension() -> tuple[ModuleType | None, str]:
     sources = [folder / "grid_encoding.cpp"] + ([folder / "grid_encoding_cuda.cu"] if with_cuda else [])
     name = f"fastsrt_grid_encoding_{'cuda' if with_cuda else 'cpu'}"
     build_dir = _cache_root() / f"{name}_{build_key(with_cuda)}"
-    if not any(build_dir.glob("*.so")):
-        what = "C++/CUDA" if with_cuda else "C++"
-        print(f"fastsrt: building the {what} grid-encoding extension once (about a minute) in {build_dir}",
-              file=sys.stderr, flush=True)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}.so"
     try:
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
-            extra_ldflags=["-fopenmp"],
-            extra_cuda_cflags=["-O3"],
-            verbose=False,
-        )
-    except Exception as error:  # a failed build of any kind leaves the torch encoding
+        with _exclusive(build_dir):  # one process at a time checks, builds, loads and records this build
+            damage = why_not_intact(library)
+            if library.exists() and damage:  # never load a damaged library: ninja relinks it
+                print(f"fastsrt: the compiled extension {library} {damage}: building it again", file=sys.stderr,
+                      flush=True)
+                library.unlink()
+                record_path(library).unlink(missing_ok=True)
+            elif not library.exists():
+                what = "C++/CUDA" if with_cuda else "C++"
+                print(f"fastsrt: building the {what} grid-encoding extension once (about a minute) in {build_dir}",
+                      file=sys.stderr, flush=True)
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
+                extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3"],
+                verbose=False,
+            )
+            if why_not_intact(library):  # built (or rebuilt by ninja for changed flags) in this call
+                record_digest(library)
+    except Exception as error:  # a failed build of any kind, or an unwritable build folder, leaves the torch encoding
         lines = [line for line in str(error).splitlines() if line.strip()]
         return None, f"build failed: {lines[-1][:200] if lines else type(error).__name__}"
     return module, ""
