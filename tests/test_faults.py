@@ -1,12 +1,13 @@
 """Faults injected for real into the CLI, run as `python -m fastsrt.cli` subprocesses: SIGKILL at
 seeded random moments, writes that fail (a file-size limit, a read-only folder, a parent that is a
 file), two runs on one folder at once. Outputs are compared bit for bit with an uninterrupted run
-of the same command, made in this process on one thread like the subprocesses (docs/traps.md,
-"Determinism")."""
+of the same command, made in this process on one thread like the subprocesses: random weights are
+seeded (--seed), so equal commands give equal outputs (docs/traps.md, "Determinism")."""
 import contextlib
 import ctypes
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastsrt.backbone import load_timm_model
 from fastsrt.cli import main
 from fastsrt.dvt import Denoiser
 from fastsrt.io import load_metadata, load_tensors, remove_stale_temporaries, save_tensors
@@ -94,22 +96,33 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def kill_and_resume(command: list[str], marker: str, out: Path, spread: float, seed: int, log: Path):
-    """Runs the CLI ``command`` and SIGKILLs it at a seeded random moment, uniform over ``spread``
-    seconds after its progress bar (``marker``) first shows, three times, each run resuming the
-    last; then runs it to completion. No run may rewrite an output finished before it. Returns the
-    completed run's stdout, the outputs finished before it, and the count after each kill."""
+def progress(log: Path, marker: str) -> int | None:
+    """The count that the progress bar ``marker`` last showed in the log; None before it shows."""
+    shown = [part for part in re.split(r"[\r\n]", log.read_text(errors="replace")) if marker in part]
+    count = re.search(r"(\d+)/\d+", shown[-1]) if shown else None
+    return int(count[1]) if count else None
+
+
+def kill_and_resume(command: list[str], marker: str, total: int, out: Path, seed: int, log: Path):
+    """Runs the CLI ``command`` and SIGKILLs it at a seeded random moment, three times, each run
+    resuming the last; then runs it to completion. The moment: when its progress bar (``marker``,
+    counting to ``total``) reaches a count drawn between where the run starts and the end, plus
+    up to 0.1 s. No run may rewrite an output finished before it. Returns the completed run's
+    stdout, the outputs finished before it, and how many .safetensors files each kill left."""
     moments = random.Random(seed)
     counts = []
     for _ in range(3):
         before = finished(out) if out.is_dir() else {}
+        already = len(list(out.glob("*.safetensors")))
         with open(log, "w") as errors:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=child_env())
-        deadline = time.monotonic() + TIMEOUT
-        while process.poll() is None and marker not in log.read_text(errors="replace"):
-            assert time.monotonic() < deadline, f"{marker!r} did not show"
-            time.sleep(0.01)
-        time.sleep(moments.uniform(0, spread))
+        deadline, target = time.monotonic() + TIMEOUT, None
+        while process.poll() is None and (target is None or progress(log, marker) < target):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            if target is None and progress(log, marker) is not None:  # training's bar starts where it resumes
+                target = moments.randint(min(max(progress(log, marker), already), total - 1), total - 1)
+            time.sleep(0.005)
+        time.sleep(moments.uniform(0, 0.1))
         process.send_signal(signal.SIGKILL)  # nothing happens if it has finished already
         assert process.wait(timeout=TIMEOUT) in (0, -signal.SIGKILL), log.read_text()[-3000:]
         counts.append(len(list(out.glob("*.safetensors"))))
@@ -152,10 +165,30 @@ def pairs(tmp_path_factory) -> Path:
     return folder
 
 
+def test_seeded_random_weights_are_reproducible_and_leave_the_callers_random_state_alone():
+    def weights(seed):
+        model = load_timm_model("vit_small_patch14_dinov2", pretrained=False, seed=seed, depth=1, embed_dim=32,
+                                num_heads=2)
+        return torch.cat([p.flatten() for p in model.state_dict().values()])
+
+    state = torch.get_rng_state()
+    first, again, other = weights(0), weights(0), weights(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's draws go on as if nothing happened
+    torch.manual_seed(0)
+    assert not torch.equal(weights(None), weights(None))  # None: torch's generator as it stands
+
+
+def test_the_cli_seed_chooses_the_random_weights(images, extracted, tmp_path):
+    reference_run(["extract", images / "a.png", "--out", tmp_path, "--no-png", "--seed", "1", *EXTRACT])
+    other, default = (load_tensors(folder / "a.safetensors") for folder in (tmp_path, extracted))
+    assert other["raw"].shape == default["raw"].shape and not torch.equal(other["raw"], default["raw"])
+
+
 def test_extract_killed_three_times_then_resumed_equals_an_uninterrupted_run(images, extracted, tmp_path):
     out = tmp_path / "out"
-    stdout, before, counts = kill_and_resume(cli("extract", images, "--out", out, *EXTRACT), "extract:", out,
-                                             spread=1.5, seed=0, log=tmp_path / "log")
+    stdout, before, counts = kill_and_resume(cli("extract", images, "--out", out, *EXTRACT), "extract:",
+                                             len(STEMS), out, seed=0, log=tmp_path / "log")
     assert min(counts) < len(STEMS)  # at least one kill cut the job short
     done = len([name for name in before if name.endswith(".safetensors")])
     assert f"{len(STEMS) - done} written, {done} already done" in stdout  # nothing finished was redone
@@ -167,8 +200,8 @@ def test_extract_killed_three_times_then_resumed_equals_an_uninterrupted_run(ima
 def test_fit_killed_three_times_then_resumed_equals_an_uninterrupted_run(images, tmp_path):
     reference_run(["fit", images, "--out", tmp_path / "reference", *FIT])
     out = tmp_path / "out"
-    stdout, before, counts = kill_and_resume(cli("fit", images, "--out", out, *FIT), "DVT stage 1", out,
-                                             spread=1.5, seed=1, log=tmp_path / "log")
+    stdout, before, counts = kill_and_resume(cli("fit", images, "--out", out, *FIT), "DVT stage 1",
+                                             len(STEMS), out, seed=1, log=tmp_path / "log")
     assert min(counts) < len(STEMS)
     assert f"{len(STEMS) - len(before)} written, {len(before)} already done" in stdout
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.safetensors" for stem in STEMS]  # no temporaries
@@ -179,7 +212,7 @@ def test_train_denoiser_killed_three_times_then_resumed_ends_with_the_same_weigh
     reference_run(["train-denoiser", pairs, "--out", tmp_path / "reference" / "den.safetensors", *TRAIN])
     out = tmp_path / "out"
     stdout, before, counts = kill_and_resume(cli("train-denoiser", pairs, "--out", out / "den.safetensors", *TRAIN),
-                                             "train denoiser", out, spread=1.5, seed=2, log=tmp_path / "log")
+                                             "train denoiser", 240, out, seed=2, log=tmp_path / "log")
     assert min(counts) == 0  # at least one kill cut the training short
     assert "240 steps" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["den.json", "den.safetensors", "den.train-state.pt"]
@@ -213,12 +246,11 @@ def test_a_rerun_removes_the_temporaries_of_killed_writers_and_no_others(images,
     remove_stale_temporaries(out / "b.safetensors")  # another output's sweep leaves them alone
     assert temporaries(out) == sorted([dead, alive])
 
-    with one_thread():
-        assert main(["extract", str(images), "--out", str(out), *EXTRACT]) == 0
+    reference_run(["extract", images / "a.png", "--out", out, *EXTRACT])
     assert temporaries(out) == [alive]
     writers[1].communicate("fail\n", timeout=TIMEOUT)
     assert writers[1].returncode == 1 and temporaries(out) == []
-    assert_equal_outputs(out, extracted, [p.name for p in extracted.iterdir()])
+    assert_equal_outputs(out, extracted, ["a.png", "a.safetensors"])
 
 
 def limit_file_size(size: int):
