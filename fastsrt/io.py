@@ -163,7 +163,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> None:
     path = Path(path)
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         try:
-            handle = os.open(candidate, os.O_RDONLY)
+            handle = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK)  # never waits (a FIFO of that name)
         except OSError:  # removed meanwhile, or not ours to read
             continue
         try:

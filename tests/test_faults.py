@@ -24,7 +24,7 @@ from PIL import Image
 from fastsrt.backbone import load_timm_model
 from fastsrt.cli import main
 from fastsrt.dvt import Denoiser
-from fastsrt.io import load_metadata, load_tensors, remove_stale_temporaries, save_tensors
+from fastsrt.io import atomic_path, load_metadata, load_tensors, remove_stale_temporaries, save_tensors
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # seconds, for any one subprocess
@@ -117,10 +117,13 @@ def kill_and_resume(command: list[str], marker: str, total: int, out: Path, seed
         with open(log, "w") as errors:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=child_env())
         deadline, target = time.monotonic() + TIMEOUT, None
-        while process.poll() is None and (target is None or progress(log, marker) < target):
+        while process.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
-            if target is None and progress(log, marker) is not None:  # training's bar starts where it resumes
-                target = moments.randint(min(max(progress(log, marker), already), total - 1), total - 1)
+            shown = progress(log, marker)
+            if shown is not None and target is None:  # training's bar starts where it resumes, extract's at 0
+                target = moments.randint(min(max(shown, already), total - 1), total - 1)
+            if shown is not None and shown >= target:
+                break
             time.sleep(0.005)
         time.sleep(moments.uniform(0, 0.1))
         process.send_signal(signal.SIGKILL)  # nothing happens if it has finished already
@@ -241,7 +244,8 @@ def test_a_rerun_removes_the_temporaries_of_killed_writers_and_no_others(images,
                                 stdout=subprocess.PIPE, text=True, env=child_env()) for _ in range(2)]
     dead, alive = (writer.stdout.readline().strip() for writer in writers)
     writers[0].send_signal(signal.SIGKILL)
-    assert writers[0].wait(timeout=TIMEOUT) == -signal.SIGKILL
+    writers[0].communicate(timeout=TIMEOUT)
+    assert writers[0].returncode == -signal.SIGKILL
     assert temporaries(out) == sorted([dead, alive])
     remove_stale_temporaries(out / "b.safetensors")  # another output's sweep leaves them alone
     assert temporaries(out) == sorted([dead, alive])
@@ -251,6 +255,13 @@ def test_a_rerun_removes_the_temporaries_of_killed_writers_and_no_others(images,
     writers[1].communicate("fail\n", timeout=TIMEOUT)
     assert writers[1].returncode == 1 and temporaries(out) == []
     assert_equal_outputs(out, extracted, ["a.png", "a.safetensors"])
+
+
+def test_an_error_that_is_not_the_file_systems_passes_through_and_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError, match="a bug"), atomic_path(tmp_path / "out.bin") as temporary:
+        temporary.write_bytes(b"half")
+        raise TypeError("a bug in a writer")
+    assert list(tmp_path.iterdir()) == []
 
 
 def limit_file_size(size: int):
