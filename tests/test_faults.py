@@ -106,9 +106,9 @@ def progress(log: Path, marker: str) -> int | None:
 def kill_and_resume(command: list[str], marker: str, total: int, out: Path, seed: int, log: Path):
     """Runs the CLI ``command`` and SIGKILLs it at a seeded random moment, three times, each run
     resuming the last; then runs it to completion. The moment: when its progress bar (``marker``,
-    counting to ``total``) reaches a count drawn between where the run starts and the end, plus
-    up to 0.1 s. No run may rewrite an output finished before it. Returns the completed run's
-    stdout, the outputs finished before it, and how many .safetensors files each kill left."""
+    counting to ``total``) reaches a count drawn over the first three quarters of what the run has
+    left, plus up to 0.05 s. No run may rewrite an output finished before it. Returns the completed
+    run's stdout, the outputs finished before it, and how many .safetensors files each kill left."""
     moments = random.Random(seed)
     counts = []
     for _ in range(3):
@@ -121,11 +121,12 @@ def kill_and_resume(command: list[str], marker: str, total: int, out: Path, seed
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             shown = progress(log, marker)
             if shown is not None and target is None:  # training's bar starts where it resumes, extract's at 0
-                target = moments.randint(min(max(shown, already), total - 1), total - 1)
+                start = min(max(shown, already), total)
+                target = moments.randint(start, start + 3 * (total - start) // 4)  # leaves work after it
             if shown is not None and shown >= target:
                 break
             time.sleep(0.005)
-        time.sleep(moments.uniform(0, 0.1))
+        time.sleep(moments.uniform(0, 0.05))
         process.send_signal(signal.SIGKILL)  # nothing happens if it has finished already
         assert process.wait(timeout=TIMEOUT) in (0, -signal.SIGKILL), log.read_text()[-3000:]
         counts.append(len(list(out.glob("*.safetensors"))))
