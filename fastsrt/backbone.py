@@ -36,16 +36,23 @@ class BackboneOutput:
     prefix: list[torch.Tensor] | None = None
 
 
-def load_timm_model(name: str, pretrained: bool | str = True, **kwargs) -> nn.Module:
+def load_timm_model(name: str, pretrained: bool | str = True, seed: int | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name)`` for feature extraction at any image size.
 
     pretrained: True loads timm's pretrained weights (needs the network or a local cache), False
     gives random weights, "auto" tries the weights and falls back to random ones with a warning.
     Where the Hugging Face hub cannot be reached, weights come from the cache only, so that it
     answers at once offline; weights that cannot be had raise ``Unavailable`` saying what to do.
+    seed: random weights are drawn from torch's CPU generator seeded with it, which is restored
+    afterwards (the caller's random state is left as it was); None draws them from that generator
+    as it stands.
     """
     kwargs.setdefault("dynamic_img_size", True)
     kwargs.setdefault("num_classes", 0)
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: timm initialises on the CPU
+            torch.random.default_generator.manual_seed(seed)
+            return load_timm_model(name, pretrained, **kwargs)
     if pretrained == "auto":
         try:
             with _hub_offline_unless_reachable() as online:
@@ -204,13 +211,14 @@ class Backbone(TokenSource):
 
     Generic over timm ViTs (VisionTransformer, Eva, ...) through ``forward_intermediates``,
     ``num_prefix_tokens`` and ``patch_embed``. ``layers=-1`` gives exactly the patch tokens of
-    ``model.forward_features`` (after the final norm), reshaped to (B, C, h, w).
+    ``model.forward_features`` (after the final norm), reshaped to (B, C, h, w). For a model
+    name, ``seed`` seeds its random weights (see load_timm_model).
     """
 
     def __init__(self, model: nn.Module | str, pretrained: bool | str = True, pad_to_patch: bool = False,
-                 **timm_kwargs):
+                 seed: int | None = None, **timm_kwargs):
         if isinstance(model, str):
-            model = load_timm_model(model, pretrained=pretrained, **timm_kwargs).eval()
+            model = load_timm_model(model, pretrained=pretrained, seed=seed, **timm_kwargs).eval()
         elif getattr(model, "training", False):
             warnings.warn(f"the {type(model).__name__} is in training mode (dropout and drop-path active); "
                           "call model.eval() for features", stacklevel=2)

@@ -10,7 +10,8 @@ Choices come from ``fastsrt.options``; defaults from the config dataclasses and 
 own them (``defaults``). Neither imports torch, so ``--help`` answers at once.
 
 User errors (a bad value, a missing file or optional package) print one line and exit with 2;
-what cannot run here (``Unavailable``) with 1. Any other exception is a bug and shows its traceback.
+what cannot run here (``Unavailable``) and an output that cannot be written (``WriteError``) with 1.
+Any other exception is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
                         help="refuse images of more pixels, from their header, before decoding (default: %(default)s)")
 
 
+def _add_seed_option(parser: argparse.ArgumentParser, default: int = 0, draws: str = "") -> None:
+    parser.add_argument("--seed", type=int, default=default,
+                        help=f"seeds random weights (--pretrained no, or auto without weights){draws}; the same "
+                             "command then gives the same outputs, resumed or not (default: %(default)s)")
+
+
 def _view_batch(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
@@ -123,7 +130,7 @@ def _device(args) -> str:
 def _backbone(args):
     from fastsrt.backbone import Backbone
 
-    return Backbone(args.model, pretrained=PRETRAINED[args.pretrained]).eval()
+    return Backbone(args.model, pretrained=PRETRAINED[args.pretrained], seed=args.seed).eval()
 
 
 def _build_srt(args, output: str | None = None):
@@ -190,9 +197,9 @@ def run_fit(args) -> int:
     config = DecomposeConfig(views=args.views, iterations=args.iterations, size=args.size,
                              tokens_per_step=args.tokens_per_step, encoding=encoding, cache_dtype=args.cache_dtype,
                              view_batch=args.view_batch)
-    report = fit_folder(args.inputs, args.out, args.model, config, layer=args.layer, images_per_fit=args.batch,
+    report = fit_folder(args.inputs, args.out, _backbone(args), config, layer=args.layer, images_per_fit=args.batch,
                         seed=args.seed, overwrite=args.overwrite, device=device, impl=args.impl,
-                        pretrained=PRETRAINED[args.pretrained], max_pixels=args.max_pixels)
+                        max_pixels=args.max_pixels)
     return _print_report("fit", report, args.out)
 
 
@@ -231,7 +238,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
                         help="views per backbone forward (default: %(default)s)")
     parser.add_argument("--impl", choices=ENCODING_IMPLS, default=run["impl"],
                         help="grid encoding (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=run["seed"], help="(default: %(default)s)")
+    _add_seed_option(parser, run["seed"], ", the crops and the fit")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     _add_max_pixels(parser)
@@ -326,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_srt_options(demo, size=224)
     demo.add_argument("--image", help="an image file instead of the generated sample")
     demo.add_argument("--out", default="fastsrt_out", help="output folder (default: %(default)s)")
+    _add_seed_option(demo)
     demo.set_defaults(run=run_demo)
 
     extract = commands.add_parser("extract", help="raw + SRT features of images or folders -> safetensors + PNG")
@@ -334,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     extract.add_argument("--no-png", action="store_true", help="skip the PCA pictures")
     _add_srt_options(extract, size=defaults("extract.py", "extract")["short_side"])
+    _add_seed_option(extract)
     extract.set_defaults(run=run_extract)
 
     fit = commands.add_parser("fit", help="DVT stage 1 on images or folders -> raw/clean/artifact safetensors; "
@@ -365,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed precision; auto: bf16 on CUDA, none on the CPU (default: %(default)s)")
     train.add_argument("--blocks", type=int, default=config["num_blocks"],
                        help="transformer blocks in the denoiser (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=config["seed"], help="(default: %(default)s)")
+    _add_seed_option(train, config["seed"], ", the denoiser's initialisation")
     train.add_argument("--save-every", type=int, default=config["save_every"],
                        help="steps between resumable training states (default: %(default)s)")
     train.add_argument("--workers", type=int, default=config["num_workers"],
@@ -391,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repeat", type=int, default=20,
                         help="timed calls after the parity check (default: %(default)s)")
     export.add_argument("--device", default=None)
+    _add_seed_option(export)
     export.set_defaults(run=run_export)
     return parser
 
@@ -406,6 +416,15 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:  # a bad value or path on the command line
         print(f"fastsrt: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an output that cannot be written: a full disk, a file-size limit, a read-only folder
+        from tqdm import tqdm
+
+        from fastsrt.io import WriteError  # only here: fastsrt.io imports torch, which --help must not
+
+        if not isinstance(error, WriteError):
+            raise
+        tqdm.write(f"fastsrt: error: {error}", file=sys.stderr)  # on a line of its own below a progress bar
+        return 1
     except ImportError as error:  # a missing optional package; a broken import of fastsrt's own is a bug
         if (error.name or "").partition(".")[0] == "fastsrt":
             raise

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -69,6 +72,15 @@ class ImageReadError(ValueError):
 # and ends the job: what cannot run here (Unavailable, though a RuntimeError), a bad setting (ValueError), a bug,
 # a failed write, Ctrl-C.
 IMAGE_FAILURES = (ImageReadError, RuntimeError, MemoryError)
+
+
+class WriteError(OSError):
+    """An output file that cannot be written (disk full, a file-size limit, a read-only or unusable
+    folder); names the file and the reason. It stops a job: the next writes would fail alike."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot write {str(path)!r}: {reason}")
+        self.path = Path(path)
 
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -198,7 +210,13 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta[DIGEST_KEY] = tensors_digest(tensors)
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=meta)
+        try:
+            save_file(tensors, str(temporary), metadata=meta)
+        except SafetensorError as error:  # an I/O error names its OS error only in the message
+            code = re.search(r"os error (\d+)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from error
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -222,17 +240,78 @@ def save_png(path: str | os.PathLike, image: Image.Image) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` in one
-    step, on failure it is removed: a reader never sees a half-written file."""
+    step, on failure it is removed: a reader never sees a half-written file, and of two processes
+    writing one file the last to finish wins. Temporaries of ``path`` that killed writers left
+    behind are removed first (remove_stale_temporaries). A failure of the file system (an OSError
+    in the exception's chain: disk full, file-size limit, read-only folder) raises WriteError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        yield Path(temporary)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        handle, temporary = _locked_temporary(path)
+    except OSError as error:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{str(blocking)!r} is a file, not a folder" if blocking else error.strerror or str(error)
+        raise WriteError(path, reason) from error
+    try:
+        yield temporary
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise WriteError(path, cause.strerror or str(cause)) from error
+    finally:
+        os.close(handle)  # releases the lock, once the temporary is renamed or removed
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Removes the temporaries of ``path`` (atomic_path's ``.<name>.<random>.tmp``) whose writer
+    died mid-write (SIGKILL, power cut): those that no living process holds locked."""
+    path = Path(path)
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            handle = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK)  # never waits (a FIFO of that name)
+        except OSError:  # removed meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_file_of(handle, candidate) and candidate.is_file():
+                candidate.unlink()
+        except BlockingIOError:  # its writer is alive
+            pass
+        finally:
+            os.close(handle)
+
+
+def _locked_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, open and locked (flock) for as long as this process
+    writes it: the lock, which the kernel drops when the process dies, tells other processes'
+    remove_stale_temporaries that it is in use (on local file systems; NFS emulates flock with
+    locks that closing any handle of the file releases)."""
+    while True:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if _is_file_of(handle, name):
+            return handle, Path(name)
+        os.close(handle)  # another process removed it as stale before the lock was taken: draw again
+
+
+def _is_file_of(handle: int, name) -> bool:
+    """Whether the open file ``handle`` is still the file called ``name`` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(handle), os.stat(name))
+    except FileNotFoundError:
+        return False
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error``: itself or one in its chain (torch.save, say, raises a
+    RuntimeError while handling the OSError of its file object); None if there is none."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def save_json(path: str | os.PathLike, value) -> None:

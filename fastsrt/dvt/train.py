@@ -286,13 +286,15 @@ def train_denoiser(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, losses = state["step"], list(state["losses"])
+    resumed_at = step
 
     def save_state() -> None:
         if rank == 0:
             state = {"denoiser": denoiser.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "losses": losses, "fingerprint": fingerprint}
-            with atomic_path(state_path) as temporary:
-                torch.save(state, temporary)
+            # through a Python file, whose OSError (disk full, say) torch's RuntimeError then carries
+            with atomic_path(state_path) as temporary, open(temporary, "wb") as file:
+                torch.save(state, file)
 
     last = min(total, stop_after) if stop_after is not None else total
     bar = tqdm(total=total, initial=step, desc="train denoiser", unit="step", disable=not progress or rank != 0)
@@ -322,7 +324,7 @@ def train_denoiser(
             if step % config.save_every == 0 or step == last:
                 save_state()
     bar.close()
-    if step >= total and rank == 0:
+    if step >= total and rank == 0 and (step > resumed_at or not out.is_file()):  # a finished run is not redone
         denoiser.save(out)
     if own_group:
         dist.barrier()
