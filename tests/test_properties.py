@@ -74,15 +74,17 @@ def axis_shifts(size: int):
 
 @st.composite
 def cases(draw, patches=(4, 7), max_tokens=5, max_views=10, max_batch=2) -> Case:
-    """Images of a random size and a shift list drawn from a few shifts, so that it has duplicates."""
+    """Images of a random size, and a shift list: distinct shifts and repeats of some of them, shuffled."""
     patch = draw(st.sampled_from(patches))
     pad_to_patch = draw(st.booleans())
     if pad_to_patch:  # any size from one patch up
         height, width = (draw(st.integers(patch, max_tokens * patch)) for _ in range(2))
     else:
         height, width = (patch * draw(st.integers(1, max_tokens)) for _ in range(2))
-    pool = draw(st.lists(st.tuples(axis_shifts(height), axis_shifts(width)), min_size=1, max_size=4))
-    shifts = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=max_views))
+    distinct = draw(st.lists(st.tuples(axis_shifts(height), axis_shifts(width)), min_size=1, max_size=max_views,
+                             unique=True))
+    repeats = draw(st.lists(st.sampled_from(distinct), max_size=max_views - len(distinct)))
+    shifts = draw(st.permutations(distinct + repeats))
     batch, seed = draw(st.integers(1, max_batch)), draw(st.integers(0, 2**16))
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
     return Case(images, shifts, patch, pad_to_patch)
@@ -143,7 +145,7 @@ def assert_std_matches(actual: torch.Tensor, expected: torch.Tensor, views: int,
 # ---- the fast paths equal the reference ----------------------------------------------------------
 
 
-@bounded(100)
+@bounded(200)
 @given(case=cases(), options=options, std=st.booleans(), view_batch=st.integers(1, 8),
        chunk_elements=st.sampled_from([chunked.CHUNK_ELEMENTS, 600, 50]))
 def test_chunked_srt_equals_reference(case, options, std, view_batch, chunk_elements):
@@ -159,7 +161,7 @@ def test_chunked_srt_equals_reference(case, options, std, view_batch, chunk_elem
 
 
 @pytest.mark.filterwarnings("ignore:a CallableBackbone is not a timm ViT")  # the views run the reference path
-@bounded(25)
+@bounded(40)
 @given(case=cases(max_tokens=4, max_views=8), options=options, std=st.booleans())
 def test_fused_srt_equals_reference(case, options, std):
     """The fused aggregation (Triton interpreter on the CPU) inside SRT."""
@@ -170,7 +172,7 @@ def test_fused_srt_equals_reference(case, options, std):
     assert_same_run(actual, expected, reference, case.images, options["reduce"], std)
 
 
-@bounded(30)
+@bounded(50)
 @given(data=st.data(), patch=st.integers(1, 7), h=st.integers(1, 4), w=st.integers(1, 4), views=st.integers(1, 16),
        options=options, std=st.booleans(), seed=st.integers(0, 2**16))
 def test_fused_op_equals_reference_on_random_token_grids(data, patch, h, w, views, options, std, seed):
@@ -190,7 +192,7 @@ def test_fused_op_equals_reference_on_random_token_grids(data, patch, h, w, view
         assert_std_matches(actual.std, expected.std, views, tokens.abs().max().item())
 
 
-@bounded(6)
+@bounded(10)
 @given(case=cases(patches=(7,), max_tokens=4, max_views=5, max_batch=1), options=options, std=st.booleans())
 def test_tiny_vit_fused_srt_equals_reference(case, options, std):
     """A timm ViT through the fused views (the patch-embedding kernel) and the fused aggregation.
@@ -209,18 +211,18 @@ def test_tiny_vit_fused_srt_equals_reference(case, options, std):
 # ---- std >= 0 ----------------------------------------------------------------------------------
 
 
-@bounded(60)
-@given(data=st.data(), views=st.integers(1, 12), options=options, offset=st.sampled_from([0.0, 1.0, -3e4]),
-       scale=st.sampled_from([0.0, 1e-30, 1e-6, 1.0, 1e15]), impl=st.sampled_from(IMPLS), seed=st.integers(0, 2**16))
-def test_std_is_never_negative(data, views, options, offset, scale, impl, seed):
+@bounded(200)
+@given(shifts=st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)), min_size=1, max_size=12), options=options,
+       offset=st.sampled_from([0.0, 1.0, -3e4]), scale=st.sampled_from([0.0, 1e-30, 1e-6, 1.0, 1e15]),
+       impl=st.sampled_from(IMPLS), seed=st.integers(0, 2**16))
+def test_std_is_never_negative(shifts, options, offset, scale, impl, seed):
     """Token grids of every scale around an offset (equal values, values that differ in their last
-    bits, huge ones): the std is >= 0 at every pixel, so neither negative nor NaN."""
+    bits, huge ones): the std is >= 0 at every pixel, so neither negative nor NaN. Shifts of at most
+    one patch, so that most pixels see every view: there the values are equal or nearly so, where a
+    one-pass variance (E[x^2] - E[x]^2) would come out negative."""
     del options["padding"]
-    patch, h, w = 3, 2, 3
-    shifts = data.draw(st.lists(st.tuples(axis_shifts(patch * h), axis_shifts(patch * w)), min_size=views,
-                                max_size=views))
-    tokens = offset + scale * torch.randn(views, 1, 2, h, w, generator=torch.Generator().manual_seed(seed))
-    out = warp_aggregate(tokens, shifts, patch, options["upsample"], options["reduce"], options["ignore_padding"],
+    tokens = offset + scale * torch.randn(len(shifts), 1, 2, 3, 4, generator=torch.Generator().manual_seed(seed))
+    out = warp_aggregate(tokens, shifts, 3, options["upsample"], options["reduce"], options["ignore_padding"],
                          options["output"], return_std=True, impl=impl)
     assert out.impl == impl
     assert (out.std >= 0).all(), out.std.min()
@@ -230,7 +232,7 @@ def test_std_is_never_negative(data, views, options, offset, scale, impl, seed):
 
 
 @pytest.mark.filterwarnings("ignore:a CallableBackbone is not a timm ViT")
-@bounded(40)
+@bounded(80)
 @given(case=cases(max_tokens=4, max_views=1), copies=st.integers(2, 9), options=options, std=st.booleans(),
        impl=st.sampled_from(IMPLS))
 def test_identical_shifts_give_the_one_view_result(case, copies, options, std, impl):
@@ -260,7 +262,7 @@ def test_identical_shifts_give_the_one_view_result(case, copies, options, std, i
 
 
 @pytest.mark.filterwarnings("ignore:a CallableBackbone is not a timm ViT")
-@bounded(40)
+@bounded(60)
 @given(case=cases(max_tokens=4, max_views=8), options=options, impl=st.sampled_from(IMPLS),
        a=st.floats(-2, 2, width=32), b=st.floats(-2, 2, width=32))
 def test_mean_is_linear_in_the_tokens(case, options, impl, a, b):
