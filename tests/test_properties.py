@@ -147,7 +147,7 @@ def assert_std_matches(actual: torch.Tensor, expected: torch.Tensor, views: int,
 
 @bounded(200)
 @given(case=cases(), options=options, std=st.booleans(), view_batch=st.integers(1, 8),
-       chunk_elements=st.sampled_from([chunked.CHUNK_ELEMENTS, 600, 50]))
+       chunk_elements=st.sampled_from([chunked.CHUNK_ELEMENTS, 600]))
 def test_chunked_srt_equals_reference(case, options, std, view_batch, chunk_elements):
     """The chunked aggregation inside SRT, also with tiny chunks (many chunks of channels and rows,
     uneven last ones)."""
