@@ -59,10 +59,10 @@ class JobReport:
 
 
 class ImageReadError(ValueError):
-    """An image file that cannot be read; names the file and the reason."""
+    """An image (or video) file that cannot be read; names the file and the reason."""
 
-    def __init__(self, path, reason: str):
-        super().__init__(f"cannot read image {str(path)!r}: {reason}")
+    def __init__(self, path, reason: str, kind: str = "image"):
+        super().__init__(f"cannot read {kind} {str(path)!r}: {reason}")
         self.path = Path(path)
 
 

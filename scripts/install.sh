@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv with fastsrt (editable) and its dependencies, never replacing the torch it finds.
 #   bash scripts/install.sh          # runtime
-#   bash scripts/install.sh dev      # + test tools and the ONNX extras
+#   bash scripts/install.sh dev      # + test tools, the ONNX and video extras
 # The venv sees the system's site-packages: a torch already installed there (a CUDA build, say)
 # is used as it is. Every pip call goes through one constraints file (constraints.txt, or the
 # installed versions of the torch family where a torch is already present), so timm and
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
     "") spec="." ;;
-    dev) spec=".[dev,onnx]" ;;
+    dev) spec=".[dev,onnx,video]" ;;
     *) echo "usage: bash scripts/install.sh [dev]" >&2; exit 2 ;;
 esac
 
