@@ -123,7 +123,7 @@ def _check_cached_copy(path: Path, filename: str) -> None:
     blob = path.resolve()
     if re.fullmatch(r"[0-9a-f]{64}", blob.name) and file_digest(blob) != blob.name:
         raise ValueError(f"the cached copy of {REPO_ID}/{filename} is damaged (its sha256 is not the published "
-                         f"one): delete {blob} or pass force_download=True (--redownload) to fetch it again")
+                         f"one): delete {path} and {blob}, or pass force_download=True, to fetch it again")
 
 
 def distilled_backbone(name: str, variant: str | None = None, force_download: bool = False,
@@ -150,7 +150,7 @@ def load_distilled(path: str | os.PathLike, name: str, **timm_kwargs) -> nn.Modu
     unprefixed = sorted(key for key in state if not key.startswith("model."))
     if unprefixed:
         raise ValueError(f"{str(path)!r}: distilled weights are named 'model.*'; found {', '.join(unprefixed[:3])}")
-    model = load_timm_model(name, pretrained=False, **timm_kwargs)
+    model = load_timm_model(name, pretrained=False, seed=0, **timm_kwargs)  # seeded: leaves the caller's RNG alone
     try:
         model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
     except RuntimeError as error:
