@@ -189,7 +189,8 @@ class Denoiser(nn.Module):
         VOC ("voc"); None takes the ImageNet one where it was released, else the VOC one. Downloaded
         into the Hugging Face cache, or read from it offline (``fastsrt.dvt.pretrained``, which lists
         the released names)."""
-        return cls.load(download(release_file(name, "denoiser", variant), force_download=force_download))
+        path = download(release_file(name, "denoiser", variant), force_download=force_download)
+        return cls.load(path, backbone=name)
 
 
 def _read_fastsrt(path: Path) -> tuple[dict, dict]:
