@@ -4,7 +4,7 @@
     fastsrt extract IMAGES... --out DIR   raw + SRT features (safetensors) and pictures
     fastsrt fit IMAGES... --out DIR       DVT stage 1: (raw, clean, artifact) per image (safetensors)
     fastsrt train-denoiser PAIRS_DIR --out CKPT   train the DVT denoiser (resumable, torchrun for DDP)
-    fastsrt export CKPT --out DIR         the denoiser (or ViT + denoiser) as ONNX / TensorRT engine
+    fastsrt export CKPT|NAME --out DIR    the denoiser (or ViT + denoiser) as ONNX / TensorRT engine
 
 Choices come from ``fastsrt.options``; defaults from the config dataclasses and signatures that
 own them (``defaults``). Neither imports torch, so ``--help`` answers at once.
@@ -28,6 +28,7 @@ from fastsrt.options import (
     AMPS,
     BACKENDS,
     DTYPE_NAMES,
+    DVT_VARIANTS,
     ENCODING_IMPLS,
     MAX_PIXELS,
     OUTPUTS,
@@ -75,6 +76,9 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str = "timm 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: %(default)s)")
     parser.add_argument("--pretrained", choices=list(PRETRAINED), default="auto",
                         help="auto: pretrained weights when the network or cache has them, else random (default)")
+    parser.add_argument("--distilled", choices=DVT_VARIANTS, default=None,
+                        help="instead: the DVT authors' distilled weights of --model (the ViT fine-tuned to give "
+                             "denoised features), ImageNet- or VOC-trained, from the Hugging Face cache or hub")
 
 
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +134,29 @@ def _device(args) -> str:
 def _backbone(args):
     from fastsrt.backbone import Backbone
 
+    if args.distilled:
+        from fastsrt.dvt.pretrained import distilled_backbone
+
+        return Backbone(distilled_backbone(args.model, args.distilled)).eval()
     return Backbone(args.model, pretrained=PRETRAINED[args.pretrained], seed=args.seed).eval()
+
+
+def _denoiser(source: str, variant: str | None, backbone: str | None):
+    """The denoiser of a checkpoint file, or the DVT authors' released one for a backbone name."""
+    from fastsrt.dvt.denoiser import Denoiser, same_backbone
+    from fastsrt.dvt.pretrained import known_names, released_variants
+
+    path = Path(source)
+    if path.exists() or path.suffix in (".pth", ".pt", ".safetensors") or len(path.parts) > 1:
+        if variant:
+            raise ValueError(f"--variant picks a released denoiser by its name; {source!r} is a file")
+        return Denoiser.load(path, backbone=backbone)
+    if not released_variants(source):
+        raise FileNotFoundError(f"{source!r} is neither a denoiser checkpoint file nor the name of a released DVT "
+                                f"denoiser ({', '.join(known_names())})")
+    if not same_backbone(source, backbone):
+        raise ValueError(f"the released denoiser {source} is for {source}, not for --model {backbone}")
+    return Denoiser.from_pretrained(source, variant)
 
 
 def _build_srt(args, output: str | None = None):
@@ -270,10 +296,9 @@ def run_export(args) -> int:
     import torch
 
     from fastsrt.deploy import FixedSizePipeline, compile_module
-    from fastsrt.dvt.denoiser import Denoiser
 
     device = torch.device(_device(args))
-    denoiser = Denoiser.load(args.checkpoint, backbone=args.model)
+    denoiser = _denoiser(args.checkpoint, args.variant, args.model)
     if args.model:
         backbone = _backbone(args)
         size = args.image_size or denoiser.grid[0] * backbone.patch_size
@@ -385,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=run_train_denoiser)
 
     export = commands.add_parser("export", help="compile the denoiser (or ViT + denoiser) for deployment")
-    export.add_argument("checkpoint", help="a denoiser checkpoint (fastsrt .safetensors or the authors' .pth)")
+    export.add_argument("checkpoint", help="a denoiser checkpoint (fastsrt .safetensors or the authors' .pth), or "
+                                           "a backbone's name for the DVT authors' released denoiser (--variant)")
+    export.add_argument("--variant", choices=DVT_VARIANTS, default=None,
+                        help="of a released denoiser: trained on ImageNet or VOC (default: imagenet where released, "
+                             "else voc)")
     export.add_argument("--out", required=True, help="folder for the ONNX file (and TensorRT engine)")
     export.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="token grid (default: the trained one)")
     compiled = defaults("deploy/runtime.py", "compile")

@@ -14,6 +14,7 @@ ENCODING_IMPLS = ("auto", "reference", "extension")  # DVT's hash-grid encoding
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")  # deployment of the denoiser
 PRECISIONS = ("fp32", "fp16", "bf16")  # deployment precision
 AMPS = ("auto", "bf16", "fp16", "none")  # mixed precision when training the denoiser
+DVT_VARIANTS = ("imagenet", "voc")  # the DVT authors' released checkpoints: trained on ImageNet-1k or PASCAL VOC
 PRETRAINED = {"auto": "auto", "yes": True, "no": False}  # the command line's word -> pretrained=
 # Images with more pixels are refused from their header (fastsrt.io.load_image). The limit lies above every
 # camera's photos (200 MP phone sensors: 16320 x 12240; 150 MP medium format) and keeps reading affordable, at

@@ -147,7 +147,8 @@ def test_choices_are_the_options_modules():
     expected = {"upsample": options.UPSAMPLES, "padding": options.PADDINGS, "reduce": options.REDUCES,
                 "output": options.OUTPUTS, "dtype": options.DTYPE_NAMES, "cache_dtype": options.DTYPE_NAMES,
                 "backend": options.BACKENDS, "precision": options.PRECISIONS, "amp": options.AMPS,
-                "pretrained": tuple(options.PRETRAINED)}
+                "pretrained": tuple(options.PRETRAINED), "variant": options.DVT_VARIANTS,
+                "distilled": options.DVT_VARIANTS}
     seen = set()
     for (command, dest), action in _options_of(build_parser()).items():
         if action.choices is None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastsrt._torchvision_compat import ensure_torchvision_imports
 from fastsrt.checks import check_matches_model
+from fastsrt.dvt.pretrained import download, release_file
 from fastsrt.io import load_metadata, load_tensors, save_json, save_tensors
 
 ensure_torchvision_imports()
@@ -180,6 +181,16 @@ class Denoiser(nn.Module):
         except RuntimeError as error:
             raise ValueError(f"{str(path)!r} does not hold a denoiser of this shape: {error}") from None
         return denoiser.eval()
+
+    @classmethod
+    def from_pretrained(cls, name: str, variant: str | None = None, force_download: bool = False) -> Denoiser:
+        """The DVT authors' released denoiser for the timm backbone ``name`` (e.g.
+        "vit_base_patch14_dinov2.lvd142m"), trained on ImageNet-1k (``variant="imagenet"``) or PASCAL
+        VOC ("voc"); None takes the ImageNet one where it was released, else the VOC one. Downloaded
+        into the Hugging Face cache, or read from it offline (``fastsrt.dvt.pretrained``, which lists
+        the released names)."""
+        path = download(release_file(name, "denoiser", variant), force_download=force_download)
+        return cls.load(path, backbone=name)
 
 
 def _read_fastsrt(path: Path) -> tuple[dict, dict]:
