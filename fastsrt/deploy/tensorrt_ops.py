@@ -48,7 +48,7 @@ def unsupported_by_tensorrt(model) -> list[str]:
             problems.append(f"{node.name} ({node.domain + '::' if node.domain else ''}{node.op_type}) is not in "
                             f"TensorRT {version}'s ONNX operator list")
             continue
-        for tensor in [*node.input, *node.output]:
+        for tensor in dict.fromkeys([*node.input, *node.output]):  # each tensor once
             if tensor and tensor in types and types[tensor] not in operators[node.op_type]:
                 problems.append(f"{node.name} ({node.op_type}): {tensor} is {types[tensor]}; TensorRT {version} "
                                 f"lists {', '.join(operators[node.op_type])}")
