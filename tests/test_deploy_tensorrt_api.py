@@ -154,3 +154,30 @@ def test_reduced_graphs_are_cached_by_precision_and_converter_version(tmp_path, 
     assert paths["fp16"].stat().st_mtime_ns == stamp  # served from the cache
     monkeypatch.setattr(backends, "converter_version", lambda: "modelopt-autocast-99.0")
     assert backends.cached_onnx(denoiser, weights, SHAPE, 2, tmp_path, "fp16") != paths["fp16"]
+
+
+def test_cli_export_names_the_tensorrt_version_and_converter(graphs, tmp_path, monkeypatch, capsys):
+    import modelopt
+
+    from fastsrt import deploy
+    from fastsrt.cli import main
+    from fastsrt.deploy.runtime import CompiledModule
+
+    trt = stand_in_tensorrt("11.0.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+
+    def tensorrt_compile(module, input_shape, batch, backend, precision, device, cache_dir):  # no GPU here
+        engine = build_engine(graphs[precision], tmp_path / "den.engine", input_shape, (1, batch, batch), precision)
+        files = {"onnx": graphs[precision], "engine": engine}
+        return CompiledModule(module, "tensorrt", "asked for", input_shape, batch, device, precision, files)
+
+    monkeypatch.setattr(deploy, "compile_module", tensorrt_compile)
+    checkpoint = Denoiser(SHAPE[0], grid=SHAPE[1:], backbone="vit_small_patch14_dinov2.lvd142m").save(
+        tmp_path / "den.safetensors")
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--backend", "tensorrt",
+                 "--precision", "fp16", "--device", "cpu", "--repeat", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"built with TensorRT 11.0.0 (a strongly typed network from the fp16 graph of "
+            f"modelopt-autocast-{modelopt.__version__})") in printed
+    assert {path.name for path in (tmp_path / "out").iterdir()} == {"denoiser-2x2-b1-fp16.onnx",
+                                                                    "denoiser-2x2-b1-fp16.engine"}
