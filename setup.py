@@ -6,5 +6,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["fastsrt", "fastsrt.*"]), "fastsrt.csrc"],
     package_dir={"fastsrt.csrc": "csrc"},
-    package_data={"fastsrt.csrc": ["*.h", "*.cpp", "*.cu"]},
+    package_data={"fastsrt.csrc": ["*.h", "*.cpp", "*.cu"], "fastsrt.deploy": ["*.json"]},
 )

@@ -324,8 +324,9 @@ def run_export(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind, path in compiled.files.items():
-        target = out / f"{name}-b{args.batch}{'-' + args.precision if kind == 'engine' else ''}{path.suffix}"
+    for kind, path in compiled.files.items():  # an fp16/bf16 ONNX file is the converted graph the engine was built from
+        tagged = kind == "engine" or args.precision != "fp32"
+        target = out / f"{name}-b{args.batch}{'-' + args.precision if tagged else ''}{path.suffix}"
         target.write_bytes(path.read_bytes())
         written.append(target)
 
@@ -343,6 +344,13 @@ def run_export(args) -> int:
     print(f"fastsrt export: backend {compiled.backend} ({compiled.why}), {args.precision}, input (B<={args.batch}, "
           f"{', '.join(map(str, input_shape))}) on {device}")
     print(f"  relative error vs eager float32: {error:.2e}; median {median_ms:.3f} ms per call at batch {args.batch}")
+    if compiled.backend == "tensorrt":
+        from fastsrt.deploy.precision import converter_version
+        from fastsrt.deploy.tensorrt_engine import tensorrt_version
+
+        how = "" if args.precision == "fp32" else \
+            f" (a strongly typed network from the {args.precision} graph of {converter_version()})"
+        print(f"  built with TensorRT {tensorrt_version()}{how}")
     for path in written:
         print(f"  wrote {path}")
     if not written:

@@ -17,6 +17,7 @@ from fastsrt.checks import check_choice
 from fastsrt.deploy.cache import cache_key, cached_file, module_hash
 from fastsrt.deploy.export import OPSET, export_onnx, require_onnx_export
 from fastsrt.deploy.ort import OnnxRuntimeRunner, cuda_provider_missing, require_onnxruntime
+from fastsrt.deploy.precision import convert_precision, converter_version, require_autocast
 from fastsrt.deploy.tensorrt_engine import TensorRTRunner, build_engine, require_tensorrt, tensorrt_version
 from fastsrt.deploy.torch_graph import TorchRunner
 from fastsrt.dispatch import Implementation, choose
@@ -35,12 +36,20 @@ def _missing(*requirements) -> list[str]:
     return reasons
 
 
-def cached_onnx(module: nn.Module, weights: str, input_shape: tuple, batch: int, cache: Path) -> Path:
+def cached_onnx(module: nn.Module, weights: str, input_shape: tuple, batch: int, cache: Path,
+                precision: str = "fp32") -> Path:
     """The module (whose ``module_hash`` is ``weights``) exported to ONNX for batches up to ``batch``,
-    from the cache when it is there and intact."""
-    key = cache_key(weights, input_shape, (1, batch, batch), "fp32", f"onnx{OPSET}-torch{torch.__version__}")
-    return cached_file(cache / "onnx" / f"{key}.onnx",
-                       lambda path: export_onnx(module, input_shape, path, max_batch=batch), "ONNX file")
+    for fp16/bf16 then converted to that precision (``fastsrt.deploy.precision``), each file from the
+    cache when it is there and intact. The converted graph's key names the converter and its version."""
+    exporter = f"onnx{OPSET}-torch{torch.__version__}"
+    key = cache_key(weights, input_shape, (1, batch, batch), "fp32", exporter)
+    exported = cached_file(cache / "onnx" / f"{key}.onnx",
+                           lambda path: export_onnx(module, input_shape, path, max_batch=batch), "ONNX file")
+    if precision == "fp32":
+        return exported
+    key = cache_key(weights, input_shape, (1, batch, batch), precision, f"{exporter}-{converter_version()}")
+    return cached_file(cache / "onnx" / f"{key}.onnx", lambda path: convert_precision(exported, path, precision),
+                       f"{precision} ONNX file")
 
 
 class Backend(Implementation):
@@ -59,14 +68,16 @@ class TensorRTBackend(Backend):
     def not_supported_reasons(self, device: torch.device, precision: str) -> list[str]:
         if device.type != "cuda":
             return ["needs a CUDA device"]
-        return _missing(require_tensorrt, require_onnx_export)
+        converter = [] if precision == "fp32" else [require_autocast]
+        return _missing(require_tensorrt, require_onnx_export, *converter)
 
     def __call__(self, module, input_shape, batch, precision, device, cache, **torch_options):
         weights = module_hash(module)
-        onnx_path = cached_onnx(module, weights, input_shape, batch, cache)
+        onnx_path = cached_onnx(module, weights, input_shape, batch, cache, precision)
         gpu = torch.cuda.get_device_properties(device)
-        key = cache_key(weights, input_shape, (1, batch, batch), precision,
-                        f"tensorrt-{tensorrt_version()}", f"{gpu.name} sm{gpu.major}{gpu.minor}")
+        runtime = f"tensorrt-{tensorrt_version()}" + ("" if precision == "fp32" else f"-{converter_version()}")
+        key = cache_key(weights, input_shape, (1, batch, batch), precision, runtime,
+                        f"{gpu.name} sm{gpu.major}{gpu.minor}")
         engine_path = cached_file(cache / "engines" / f"{key}.engine",
                                   lambda path: build_engine(onnx_path, path, input_shape, (1, batch, batch), precision),
                                   "TensorRT engine")

@@ -71,7 +71,8 @@ def compile(denoiser: Denoiser, grid=(37, 37), batch: int = 1, backend: str = "a
     """The denoiser at one token grid as a callable (B, C, h, w) -> (B, C, h, w), B <= ``batch``.
 
     backend: "tensorrt", "torch", "onnxruntime" or "auto" (see the module docstring).
-    precision: "fp32", "fp16" or "bf16" (TensorRT kernels / torch weights; onnxruntime: fp32).
+    precision: "fp32", "fp16" or "bf16" (TensorRT: a graph converted to it, fastsrt.deploy.precision; torch:
+    the weights; onnxruntime: fp32 only).
     cache_dir: where ONNX files and engines are kept (default $FASTSRT_CACHE or ~/.cache/fastsrt).
     torch_options: for the torch backend: compile, cuda_graph (bool) and compile_mode.
     """

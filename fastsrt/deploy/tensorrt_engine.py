@@ -1,5 +1,13 @@
-"""The TensorRT backend: an ONNX file -> a serialized engine (fp32, fp16 or bf16 kernels, a
-dynamic batch profile) through TensorRT's own Python API, run on torch CUDA tensors in place.
+"""The TensorRT backend: an ONNX file -> a serialized engine (a dynamic batch profile) through
+TensorRT's own Python API, run on torch CUDA tensors in place.
+
+Precision is in the graph, not in builder flags. TensorRT 11 removed ``BuilderFlag.FP16`` and
+``BuilderFlag.BF16`` (its 10.x -> 11.x migration guide: "strong typing with ModelOpt AutoCast"), so an
+fp16 or bf16 engine is built from the graph ``fastsrt.deploy.precision`` converted, as a strongly typed
+network: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, which TensorRT 10 needs asked for and TensorRT
+11 accepts and ignores (every 11.x network is strongly typed). The fp32 engine is built as before,
+from the float32 graph with no flags (on TensorRT 11 that network is strongly typed too, all float32).
+No builder precision flag is ever set, on any version.
 
 TensorRT is imported only when this backend is asked for; ``require_tensorrt`` turns its
 absence into one ``Unavailable`` naming the package.
@@ -12,7 +20,9 @@ from pathlib import Path
 import torch
 
 from fastsrt.checks import check_choice
-from fastsrt.errors import Unavailable
+from fastsrt.deploy.precision import graph_precision
+from fastsrt.deploy.tensorrt_ops import unsupported_by_tensorrt
+from fastsrt.errors import Unavailable, warn_once
 from fastsrt.io import atomic_path
 from fastsrt.options import PRECISIONS
 
@@ -30,27 +40,46 @@ def tensorrt_version() -> str:
     return require_tensorrt().__version__
 
 
+def network_flags(trt, precision: str) -> int:
+    """The ``create_network`` flags for a graph of ``precision``: none for fp32, STRONGLY_TYPED for
+    fp16/bf16 (TensorRT >= 10; see the module docstring)."""
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise Unavailable(f"TensorRT {trt.__version__} is too old: fastsrt needs TensorRT 10 or later "
+                          "(pip install -U tensorrt)")
+    return 0 if precision == "fp32" else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, input_shape, batch: tuple[int, int, int],
-                 precision: str = "fp16", workspace_bytes: int = 4 << 30) -> Path:
+                 precision: str = "fp32", workspace_bytes: int = 4 << 30) -> Path:
     """Builds a TensorRT engine for inputs (B, *input_shape) with min/opt/max B = ``batch`` and
-    writes it atomically to ``engine_path``. fp16/bf16 let TensorRT pick reduced-precision
-    kernels; the engine's inputs and outputs stay float32."""
+    writes it atomically to ``engine_path``. ``onnx_path`` holds a graph of ``precision`` (for
+    fp16/bf16, one ``fastsrt.deploy.precision.convert_precision`` wrote; checked); the engine's
+    inputs and outputs are float32 whatever the precision."""
+    import onnx
+
     check_choice("precision", precision, PRECISIONS)
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    found = graph_precision(graph)
+    if found != precision:
+        raise ValueError(f"{onnx_path} holds a {found} graph, not {precision}: convert it with "
+                         "fastsrt.deploy.precision.convert_precision")
     trt = require_tensorrt()
+    outside = unsupported_by_tensorrt(graph)
+    if outside:  # TensorRT's parser has the last word; this names the likely culprits first
+        warn_once(f"{onnx_path}: outside TensorRT's ONNX operator list: {'; '.join(outside[:5])}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])  # TensorRT 10 has only explicit-batch networks, and no flag for it
-    network = builder.create_network(0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    network = builder.create_network(network_flags(trt, precision))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    ends = [network.get_input(0), network.get_output(0)]
+    if any(end.dtype != trt.DataType.FLOAT for end in ends):
+        raise RuntimeError(f"{onnx_path}: the network's input and output must be float32, got "
+                           f"{', '.join(str(end.dtype) for end in ends)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
     shape = tuple(int(v) for v in input_shape)
     profile.set_shape(network.get_input(0).name, *((b, *shape) for b in batch))
