@@ -144,7 +144,7 @@ def _build_srt(args, output: str | None = None):
 
 
 def run_extract(args) -> int:
-    from fastsrt.extract import extract
+    from fastsrt.extract import extract, gather_reports
     from fastsrt.video_extract import VideoSettings
 
     video = VideoSettings(every=args.every, fps=args.fps, output=args.video_output, store_dtype=args.store_dtype,
@@ -152,7 +152,8 @@ def run_extract(args) -> int:
     srt = _build_srt(args)
     report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite,
                      picture=not args.no_png, max_pixels=args.max_pixels, video=video)
-    return _print_report("extract", report, args.out)
+    report = gather_reports(report)  # under torchrun: all processes' on rank 0, None on the others
+    return 0 if report is None else _print_report("extract", report, args.out)
 
 
 def _add_video_options(parser: argparse.ArgumentParser) -> None:
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     extract = commands.add_parser("extract", help="raw + SRT features of images, videos or folders -> safetensors "
-                                                  "+ PNG or preview video")
+                                                  "+ PNG or preview video; shards under torchrun")
     extract.add_argument("inputs", nargs="+", help="image or video files, or folders of them")
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists")

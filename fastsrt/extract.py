@@ -9,18 +9,21 @@ to the output folder, Ctrl-C.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from fastsrt.backbone import model_name
 from fastsrt.backbone_fused import precision
+from fastsrt.dvt.distributed import rank_and_world_size
 from fastsrt.errors import Unavailable
 from fastsrt.io import (
     IMAGE_EXTENSIONS,
@@ -92,22 +95,27 @@ def comparison_picture(result: ImageFeatures) -> Image.Image:
 
 def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448, overwrite: bool = False,
             picture: bool = True, progress: bool = True, max_pixels: int = MAX_PIXELS,
-            video: VideoSettings | None = None) -> JobReport:
+            video: VideoSettings | None = None, rank: int | None = None, world_size: int | None = None) -> JobReport:
     """For every image in ``inputs`` (files or folders): ``OUT/<stem>.safetensors`` with tensors
     "raw" (C, h, w) and "srt" and, with ``picture``, ``OUT/<stem>.png``. Images of more than
     ``max_pixels`` pixels are refused (``load_image``). For every video: the features of its frames
-    (fastsrt.video_extract, ``video`` settings)."""
+    (fastsrt.video_extract, ``video`` settings). Under torchrun (or with ``rank`` and ``world_size``)
+    this process takes the inputs ``rank::world_size`` of the list, so the processes share them out,
+    each input to one; the report is this process's (``gather_reports`` merges them)."""
     check_max_pixels(max_pixels)
     video = VideoSettings() if video is None else video
+    rank, world_size = rank_and_world_size(rank, world_size)
     paths = list_images(inputs, IMAGE_EXTENSIONS + VIDEO_SUFFIXES, "images or videos")
     check_unique_stems(paths)
+    paths = paths[rank::world_size]
     out_dir = Path(out_dir)
     report = JobReport()
     metadata = {"model": model_name(srt.backbone), "layer": srt.layer, "shifts": srt.shifts,
                 "upsample": srt.upsample, "padding": srt.padding, "reduce": srt.reduce,
                 "ignore_padding": srt.ignore_padding, "output": srt.output,
                 "patch_size": srt.patch_size, "dtype": str(srt.dtype or torch.float32).removeprefix("torch.")}
-    for path in tqdm(paths, desc="extract", unit="file", disable=not progress):
+    label = f"extract (rank {rank}/{world_size})" if world_size > 1 else "extract"
+    for path in tqdm(paths, desc=label, unit="file", disable=not progress):
         target = out_dir / f"{path.stem}.safetensors"
         if not overwrite and (is_complete(target) if is_video(path) else target.exists()):
             report.skipped.append(path)
@@ -130,3 +138,25 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
         report.written.append(path)
     return report
 
+
+
+def gather_reports(report: JobReport, rank: int | None = None, world_size: int | None = None) -> JobReport | None:
+    """Under torchrun: every process's report merged, on rank 0, once all have finished (None on
+    the other ranks); outside it, ``report``. The processes meet through a gloo group (torchrun's
+    rendezvous variables) that waits as long as the slowest shard takes."""
+    rank, world_size = rank_and_world_size(rank, world_size)
+    if world_size == 1:
+        return report
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    try:
+        reports = [None] * world_size if rank == 0 else None
+        dist.gather_object(report, reports, dst=0)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return JobReport(written=[p for r in reports for p in r.written], skipped=[p for r in reports for p in r.skipped],
+                     failed=[f for r in reports for f in r.failed])
