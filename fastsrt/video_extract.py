@@ -183,6 +183,8 @@ def extract_video(srt: SRT, path: Path, out_dir: str | Path, short_side: int, se
     the number of frames. Raises VideoReadError for a video that cannot be read to its end (after
     writing the partial features, if any frame was read), ImageReadError for one over
     ``settings.max_bytes``."""
+    if isinstance(srt.layer, (list, tuple)):
+        raise ValueError("feature extraction takes one layer; got several")
     features_path, preview_path, partial_path = output_paths(out_dir, path.stem)
     info = probe(path)
     video_srt = _with_output(srt, settings.output)
