@@ -170,12 +170,37 @@ def _build_srt(args, output: str | None = None):
 
 
 def run_extract(args) -> int:
-    from fastsrt.extract import extract
+    from fastsrt.extract import extract, gather_reports
+    from fastsrt.video_extract import VideoSettings
 
+    video = VideoSettings(every=args.every, fps=args.fps, output=args.video_output, store_dtype=args.store_dtype,
+                          frame_batch=args.frame_batch, preview=not args.no_preview, max_bytes=args.max_bytes)
     srt = _build_srt(args)
     report = extract(args.inputs, args.out, srt, short_side=args.size, overwrite=args.overwrite,
-                     picture=not args.no_png, max_pixels=args.max_pixels)
-    return _print_report("extract", report, args.out)
+                     picture=not args.no_png, max_pixels=args.max_pixels, video=video)
+    report = gather_reports(report)  # under torchrun: all processes' on rank 0, None on the others
+    return 0 if report is None else _print_report("extract", report, args.out)
+
+
+def _add_video_options(parser: argparse.ArgumentParser) -> None:
+    video = defaults("video_extract.py", "VideoSettings")
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--every", type=int, default=video["every"],
+                        help="videos: keep every N-th frame (default: %(default)s)")
+    frames.add_argument("--fps", type=float, default=video["fps"],
+                        help="videos: keep about F frames per second of video (default: every frame)")
+    parser.add_argument("--video-output", choices=OUTPUTS, default=video["output"],
+                        help="videos: SRT features at the token grid or at the frame's pixels (default: %(default)s)")
+    parser.add_argument("--store-dtype", choices=DTYPE_NAMES, default=video["store_dtype"],
+                        help="videos: precision of the stored features; --dtype is the backbone's "
+                             "(default: %(default)s)")
+    parser.add_argument("--frame-batch", type=_view_batch, default=video["frame_batch"],
+                        help="videos: frames per SRT call, or auto: as many as fill --view-batch with their "
+                             "views (default: %(default)s)")
+    parser.add_argument("--no-preview", action="store_true", help="videos: skip the preview video")
+    parser.add_argument("--max-bytes", type=int, default=video["max_bytes"],
+                        help="videos: refuse one whose features would take more, said before computing them "
+                             "(default: %(default)s)")
 
 
 def _print_report(command: str, report, out_dir) -> int:
@@ -369,12 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed_option(demo)
     demo.set_defaults(run=run_demo)
 
-    extract = commands.add_parser("extract", help="raw + SRT features of images or folders -> safetensors + PNG")
-    extract.add_argument("inputs", nargs="+", help="image files or folders of images")
+    extract = commands.add_parser("extract", help="raw + SRT features of images, videos or folders -> safetensors "
+                                                  "+ PNG or preview video; shards under torchrun")
+    extract.add_argument("inputs", nargs="+", help="image or video files, or folders of them")
     extract.add_argument("--out", required=True, help="output folder")
-    extract.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
-    extract.add_argument("--no-png", action="store_true", help="skip the PCA pictures")
+    extract.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists")
+    extract.add_argument("--no-png", action="store_true", help="skip the PCA pictures of images")
     _add_srt_options(extract, size=defaults("extract.py", "extract")["short_side"])
+    _add_video_options(extract)
     _add_seed_option(extract)
     extract.set_defaults(run=run_extract)
 

@@ -83,17 +83,19 @@ class WriteError(OSError):
         self.path = Path(path)
 
 
-def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files named directly or found (sorted, not recursively) in the folders named. A folder's
-    symbolic links that lead nowhere (broken, or a loop) are listed, so that reading them reports
-    them; a folder holding no image file is an error, as is a named link that leads nowhere."""
+def list_images(inputs: Iterable[str | os.PathLike], extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+                kind: str = "images") -> list[Path]:
+    """Image files (or files of other ``extensions``, ``kind`` naming them in errors) named directly
+    or found (sorted, not recursively) in the folders named. A folder's symbolic links that lead
+    nowhere (broken, or a loop) are listed, so that reading them reports them; a folder holding no
+    such file is an error, as is a named link that leads nowhere."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            images = sorted(p for p in item.iterdir() if p.suffix.lower() in extensions
                             and (p.is_file() or (p.is_symlink() and not p.exists())))
             if not images:
-                raise ValueError(f"{str(item)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(f"{str(item)!r} holds no {kind} ({', '.join(extensions)})")
             found.extend(images)
         elif item.is_file():
             found.append(item)

@@ -12,8 +12,9 @@ decoding breaks off, raises ``VideoReadError`` naming the frames read before it 
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -149,29 +150,71 @@ def read_video(path: str | os.PathLike, every: int = 1, fps: float | None = None
         container.close()
 
 
+CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
+
+
+class VideoWriter:
+    """Encodes (H, W, 3) uint8 RGB frames one by one into ``path`` (its format from the suffix; H
+    and W even for yuv420p codecs), atomically: the file appears under its name when the ``with``
+    block ends without an error, and an error or interruption leaves nothing behind
+    (fastsrt.io.atomic_path). ``quality``: the encoder's CRF where it has one. ``count``: the
+    frames written so far."""
+
+    def __init__(self, path: str | os.PathLike, fps: float, codec: str = "libx264", quality: int = 23):
+        self.path = Path(path)
+        if self.path.suffix.lower() not in CONTAINER_FORMATS:
+            raise ValueError(f"cannot tell the container format of {str(self.path)!r}: use one of "
+                             f"{', '.join(CONTAINER_FORMATS)}")
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps!r}")
+        self.fps, self.codec, self.quality = fps, codec, quality
+        self.count = 0
+        self._av = self._stream = self._out = self._closing = None
+
+    def __enter__(self) -> VideoWriter:
+        av = require_av()
+        with contextlib.ExitStack() as stack:
+            temporary = stack.enter_context(atomic_path(self.path))
+            self._out = stack.enter_context(av.open(str(temporary), "w",
+                                                    format=CONTAINER_FORMATS[self.path.suffix.lower()]))
+            self._closing = stack.pop_all()  # closes the container, then renames or removes the temporary
+        self._av = av
+        return self
+
+    def write(self, pixels: np.ndarray) -> None:
+        if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f"frames must be (H, W, 3) uint8 arrays, got {pixels.dtype} {pixels.shape}")
+        if self._stream is None:  # the first frame sets the size
+            self._stream = self._out.add_stream(self.codec, rate=Fraction(self.fps).limit_denominator(1001))
+            self._stream.pix_fmt = "yuv420p"
+            if self.codec in ("libx264", "libx265", "libvpx-vp9"):
+                self._stream.options = {"crf": str(self.quality)}
+            self._stream.height, self._stream.width = pixels.shape[:2]
+        elif pixels.shape[:2] != (self._stream.height, self._stream.width):
+            raise ValueError(f"frame {self.count} is {pixels.shape[1]} x {pixels.shape[0]}, the video "
+                             f"{self._stream.width} x {self._stream.height}")
+        frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+        self._out.mux(self._stream.encode(frame))
+        self.count += 1
+
+    def __exit__(self, *raised) -> bool:
+        if raised[0] is None:
+            try:
+                if self._stream is None:
+                    raise ValueError(f"no frames to write to {str(self.path)!r}")
+                self._out.mux(self._stream.encode())  # flushes the encoder's delayed frames
+            except BaseException:
+                if not self._closing.__exit__(*sys.exc_info()):
+                    raise
+                return False
+        return self._closing.__exit__(*raised)
+
+
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float, codec: str = "libx264",
                 quality: int = 23) -> int:
-    """Encodes (H, W, 3) uint8 RGB frames into ``path`` (its format from the suffix; H and W even
-    for yuv420p codecs), atomically (fastsrt.io.atomic_path). ``quality``: the encoder's CRF where it
-    has one. Returns the number of frames written."""
-    av = require_av()
-    path = Path(path)
-    formats = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
-    if path.suffix.lower() not in formats:
-        raise ValueError(f"cannot tell the container format of {str(path)!r}: use one of {', '.join(formats)}")
-    frames = iter(frames)
-    first = next(frames, None)
-    if first is None:
-        raise ValueError(f"no frames to write to {str(path)!r}")
-    count = 0
-    with atomic_path(path) as temporary, av.open(str(temporary), "w", format=formats[path.suffix.lower()]) as out:
-        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.pix_fmt = "yuv420p"
-        if codec in ("libx264", "libx265", "libvpx-vp9"):
-            stream.options = {"crf": str(quality)}
-        stream.height, stream.width = first.shape[:2]
-        for pixels in itertools.chain([first], frames):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")))
-            count += 1
-        out.mux(stream.encode())
-    return count
+    """Encodes (H, W, 3) uint8 RGB frames into ``path`` at once (see VideoWriter). Returns the number
+    of frames written."""
+    with VideoWriter(path, fps, codec, quality) as writer:
+        for pixels in frames:
+            writer.write(pixels)
+    return writer.count

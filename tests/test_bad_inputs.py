@@ -29,6 +29,7 @@ from fastsrt.dvt.decomposition import DecomposeConfig, decompose
 from fastsrt.dvt.runner import fit_folder
 from fastsrt.errors import Unavailable
 from fastsrt.io import IMAGE_EXTENSIONS, list_images, load_image, save_tensors
+from fastsrt.video import VIDEO_SUFFIXES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 OTHER_BACKBONE = "vit_base_patch14_dinov2.lvd142m"  # a tiny_vit() says it is vit_small_patch14_dinov2.lvd142m
@@ -208,7 +209,7 @@ def test_a_folder_with_no_images_is_refused(tmp_path, capsys):
         PairFolder(empty)
     assert main(["extract", str(empty), "--out", str(tmp_path / "out"), "--model", "vit_small_patch14_dinov2",
                  "--pretrained", "no"]) == 2
-    expected = f"{str(empty)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+    expected = f"{str(empty)!r} holds no images or videos ({', '.join(IMAGE_EXTENSIONS + VIDEO_SUFFIXES)})"
     assert capsys.readouterr().err.strip() == f"fastsrt: error: {expected}"
 
 

@@ -148,7 +148,8 @@ def test_choices_are_the_options_modules():
                 "output": options.OUTPUTS, "dtype": options.DTYPE_NAMES, "cache_dtype": options.DTYPE_NAMES,
                 "backend": options.BACKENDS, "precision": options.PRECISIONS, "amp": options.AMPS,
                 "pretrained": tuple(options.PRETRAINED), "variant": options.DVT_VARIANTS,
-                "distilled": options.DVT_VARIANTS}
+                "distilled": options.DVT_VARIANTS, "video_output": options.OUTPUTS,
+                "store_dtype": options.DTYPE_NAMES}
     seen = set()
     for (command, dest), action in _options_of(build_parser()).items():
         if action.choices is None:
@@ -164,6 +165,7 @@ def test_defaults_are_the_config_dataclasses_and_signatures():
     from fastsrt.deploy import compile
     from fastsrt.dvt import DecomposeConfig, GridEncodingConfig, TrainConfig, fit_folder, train_denoiser
     from fastsrt.extract import extract
+    from fastsrt.video_extract import VideoSettings
 
     def signature_defaults(function):
         return {name: p.default for name, p in inspect.signature(function).parameters.items()
@@ -180,7 +182,8 @@ def test_defaults_are_the_config_dataclasses_and_signatures():
                                    ("dvt/decomposition.py", "DecomposeConfig", field_defaults(DecomposeConfig)),
                                    ("ops/grid_encoding/reference.py", "GridEncodingConfig",
                                     field_defaults(GridEncodingConfig)),
-                                   ("dvt/train.py", "TrainConfig", field_defaults(TrainConfig))]:
+                                   ("dvt/train.py", "TrainConfig", field_defaults(TrainConfig)),
+                                   ("video_extract.py", "VideoSettings", field_defaults(VideoSettings))]:
         read = defaults(source, name)
         assert read and read == {key: imported[key] for key in read}, name
     parsed = vars(build_parser().parse_args(["fit", "x", "--out", "o"]))
