@@ -1,7 +1,8 @@
 """Turns the files `pytest bench/ --benchmark-json=FILE` writes into bench/results/<op>-<device>.json,
 .md and .png per suite (op: warp_aggregate, srt_e2e, dvt_fit, denoiser): the device, versions and
 commands, each row's time, peak memory and ratios to its group's reference (and floor), the targets
-of docs/benchmarks.md met or missed, and a plot of time and peak memory against views and size.
+of bench/targets.py (docs/benchmarks.md) met or missed, also as data ("verdicts"), and a plot of time
+and peak memory against views and size.
 
     python bench/report.py BENCH_JSON [BENCH_JSON ...] [--out DIR]
 
@@ -27,13 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from bench import harness  # noqa: E402
+from bench.targets import BY_KEY, verdict  # noqa: E402
 
 OPS = ("warp_aggregate", "srt_e2e", "dvt_fit", "denoiser")
 PLOT_AXES = ("views", "size", "points", "batch")
 CPU_NOTE = ("The targets are set for one H100/H200-class GPU at the target shapes (docs/benchmarks.md); "
             "these CPU numbers are for the record and get no verdict on the GPU targets.")
-# dense bf16 tensor-core peak, TFLOP/s, by a piece of the device name (first match)
-DENSE_BF16_TFLOPS = (("h100 pcie", 756), ("h100", 989), ("h200", 989))
 
 
 def read_rows(path: Path) -> dict[str, tuple[dict, list[dict]]]:
@@ -79,17 +79,18 @@ def add_ratios(rows: list[dict]) -> None:
         row["of_floor"] = round(per_image(floor) / per_image(row), 3) if floor else None
 
 
-def judge(ok: bool, applies: bool) -> str:
-    if not applies:
-        return "no verdict here"
-    return "met" if ok else "MISSED"
+def judge(found: list[dict], key: str, where: str, value: float, applies: bool) -> str:
+    """Appends the verdict of target ``key`` on ``value`` to ``found``; returns its text for a report line."""
+    found.append(verdict(key, where, value, applies))
+    target = BY_KEY[key]
+    return found[-1]["status"] if target.bound is None else f"target {target.bound_text()}: {found[-1]['status']}"
 
 
 def find(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k, r["shape"].get(k)) == v for k, v in match.items())), None)
 
 
-def warp_aggregate_targets(rows: list[dict], on_gpu: bool) -> list[str]:
+def warp_aggregate_targets(rows: list[dict], on_gpu: bool, found: list[dict]) -> list[str]:
     views50 = [r for r in rows if r["shape"]["views"] == 50]
     if not views50:
         return ["no K=50 rows: not measured"]
@@ -104,60 +105,78 @@ def warp_aggregate_targets(rows: list[dict], on_gpu: bool) -> list[str]:
         if not (reference and fast):
             lines.append(f"{text}: reference or fast path not measured")
             continue
-        speedup = fast["x_reference"]
-        lines.append(f"{text}: {fast['impl']} is {speedup:.1f}x the {reference['impl']} (target >= 20x for fused: "
-                     f"{judge(speedup >= 20 and fast['impl'] == 'fused', applies)})")
+        speedup, where = fast["x_reference"], f"{fast['impl']}, {text}"
+        fused = applies and fast["impl"] == "fused"  # a GPU run without its fused row gets no verdict
+        lines.append(f"{text}: {fast['impl']} is {speedup:.1f}x the {reference['impl']} (fused "
+                     f"{judge(found, 'warp_speedup', where, speedup, fused)})")
         if reduce == "mean":
             share = fast["gbps"] / fast["copy_gbps"]
             lines.append(f"{text}: {fast['impl']} reaches {100 * share:.0f}% of the copy bandwidth ({fast['gbps']:.3g} "
-                         f"of {fast['copy_gbps']:.3g} GB/s; target >= 70%: {judge(share >= 0.7, applies)})")
+                         f"of {fast['copy_gbps']:.3g} GB/s; {judge(found, 'warp_bandwidth', where, share, fused)})")
         if fast["peak_mib"] is not None:
             need = (fast["peak_mib"] + fast["tokens_mib"]) / (fast["tokens_mib"] + fast["output_mib"])
-            lines.append(f"{text}: {fast['impl']} peak is {need:.2f}x token grids + output (target <= 1.2: "
-                         f"{judge(need <= 1.2, applies)})")
+            lines.append(f"{text}: {fast['impl']} peak is {need:.2f}x token grids + output "
+                         f"({judge(found, 'warp_memory', where, need, fused)})")
         if not on_gpu and reference["impl"] == "reference" and fast["peak_mib"] and reference["peak_mib"]:
             memory = fast["peak_mib"] / reference["peak_mib"]
-            lines.append(f"{text}: CPU target, chunked at least as fast as the reference ({speedup:.1f}x) with <= 0.2 "
-                         f"of its peak memory ({memory:.3f}): {judge(speedup >= 1 and memory <= 0.2, True)}")
+            lines.append(f"{text}: CPU, chunked is {speedup:.1f}x the reference "
+                         f"({judge(found, 'warp_cpu_speed', where, speedup, True)}) with {memory:.3f} of its peak "
+                         f"memory ({judge(found, 'warp_cpu_memory', where, memory, True)})")
     return lines
 
 
-def srt_e2e_targets(rows: list[dict], on_gpu: bool, device: str) -> list[str]:
+def tflops(row: dict, views: int = 50) -> float:
+    """The row's counted matrix work over its median time, TFLOP/s."""
+    return row.get("images", 1) * views * row["gflop_per_view"] / row["median_s"] / 1e3
+
+
+def srt_e2e_targets(rows: list[dict], on_gpu: bool, found: list[dict]) -> list[str]:
     lines = []
-    for model, size, batch in sorted({(r["shape"]["model"], r["shape"]["size"], r["shape"]["batch"]) for r in rows}):
+    matmul = find(rows, impl="matmul")
+    if matmul:
+        rate = matmul["gflop"] / matmul["median_s"] / 1e3
+        where = f"bf16 {matmul['shape']['n']}^3 matrix product"
+        lines.append(f"the device's {where}: {rate:.4g} TFLOP/s ({judge(found, 'matmul_rate', where, rate, True)})")
+    views = [r for r in rows if "model" in r["shape"]]
+    for model, size, batch in sorted({(r["shape"]["model"], r["shape"]["size"], r["shape"]["batch"]) for r in views}):
         where = dict(model=model, size=size, views=50, batch=batch, dtype="bfloat16")
         text = f"{model}, {size}x{size}, K=50, B={batch}"
-        fast = find(rows, impl="fused", **where) or find(rows, impl="chunked", **where)
+        fast = find(views, impl="fused", **where) or find(views, impl="chunked", **where)
         if not fast:
             continue
-        applies = on_gpu and size == 518 and fast["impl"] == "fused"
+        applies, at = on_gpu and size == 518 and fast["impl"] == "fused", f"{fast['impl']}, {text}"
         if fast["x_reference"] is not None:
             lines.append(f"{text}: {fast['impl']} bf16 is {fast['x_reference']:.2f}x the authors' loop's images/s "
-                         f"(target >= 10x: {judge(fast['x_reference'] >= 10, applies)})")
-        floor = find(rows, impl=fast["floor"], **where)
+                         f"({judge(found, 'srt_speedup', at, fast['x_reference'], applies)})")
+        floor = find(views, impl=fast["floor"], **where)
         if floor:
             line = (f"{text}: {fast['impl']} bf16 reaches {fast['of_floor']:.2f} of the {floor['impl']}'s images/s "
-                    f"(target >= 0.9: {judge(fast['of_floor'] >= 0.9, applies)})")
+                    f"({judge(found, 'srt_floor', at, fast['of_floor'], applies)})")
             if fast["of_floor"] < 0.9:
                 line += (f"; per image {1e3 * per_image(fast):.3g} ms, of which the bare forwards take "
                          f"{1e3 * per_image(floor):.3g} ms")
             lines.append(line)
+            if matmul:
+                share = tflops(floor) / rate
+                at_floor = f"{floor['impl']}, {text}"
+                lines.append(f"{text}: the {floor['impl']}'s view forwards run at {tflops(floor):.3g} TFLOP/s, "
+                             f"{100 * share:.3g}% of the measured bf16 matrix rate "
+                             f"({judge(found, 'forward_share', at_floor, share, True)})")
         if "vit_small" in model:
-            rate = batch / fast["median_s"] * 50 * fast["gflop_per_view"] / 1e3
-            peak = next((tflops for piece, tflops in DENSE_BF16_TFLOPS if piece in device.lower()), None)
-            share = f", {100 * rate / peak:.1f}% of the {peak} TFLOP/s dense bf16 peak" if peak else ""
-            lines.append(f"{text}: record, ViT-S/14 {batch / fast['median_s']:.3g} images/s "
-                         f"({rate:.3g} TFLOP/s{share})")
+            images = batch / fast["median_s"]
+            lines.append(f"{text}: ViT-S/14 {fast['impl']} {images:.3g} images/s ({tflops(fast):.3g} TFLOP/s; "
+                         f"{judge(found, 'srt_vit_s_images', at, images, True)})")
     return lines or ["no K=50 bfloat16 rows: not measured"]
 
 
-def dvt_fit_targets(rows: list[dict], on_gpu: bool) -> list[str]:
+def dvt_fit_targets(rows: list[dict], on_gpu: bool, found: list[dict]) -> list[str]:
     lines = []
     for row in rows:
         if row["shape"].get("points") and row["impl"] == "extension" and row["x_reference"]:
-            verdict = judge(row["x_reference"] >= 3, on_gpu)
-            lines.append(f"encoding forward + backward, N={row['shape']['points']}: the extension is "
-                         f"{row['x_reference']:.1f}x the torch encoding (target >= 3x: {verdict})")
+            where = f"N={row['shape']['points']}"
+            verdict_text = judge(found, "dvt_encoding", where, row["x_reference"], on_gpu)
+            lines.append(f"encoding forward + backward, {where}: the extension is "
+                         f"{row['x_reference']:.1f}x the torch encoding ({verdict_text})")
     features = [r for r in rows if r["impl"] == "backbone"]
     fits = [r for r in rows if r["impl"] == "extension" and "final_loss_image0" in r]
     if features and fits:
@@ -169,16 +188,16 @@ def dvt_fit_targets(rows: list[dict], on_gpu: bool) -> list[str]:
         setting = "the paper's setting" if paper else "a reduced setting"
         lines.append(f"per image at {setting}: {per_image(best):.3g} s "
                      f"features ({label(best)}) + {per_image(fit):.3g} s fit ({label(fit)}) = {total:.3g} s "
-                     f"(target <= 5 s at the paper's setting: {judge(total <= 5, on_gpu and paper)})")
+                     f"(at the paper's setting, {judge(found, 'dvt_seconds', setting, total, on_gpu and paper)})")
     for row in fits:
         if "loss_vs_reference" in row:
             gap = row["loss_vs_reference"]
             lines.append(f"final loss of image 0, {label(row)}: {100 * gap:+.2f}% of the torch reference path's "
-                         f"(target within 2%: {judge(abs(gap) <= 0.02, True)})")
+                         f"({judge(found, 'dvt_loss', label(row), abs(gap), True)})")
     return lines or ["no rows: not measured"]
 
 
-def denoiser_targets(rows: list[dict], on_gpu: bool) -> list[str]:
+def denoiser_targets(rows: list[dict], on_gpu: bool, found: list[dict]) -> list[str]:
     lines = []
     for channels in sorted({r["shape"]["channels"] for r in rows if r["shape"]["kind"] == "denoiser"}):
         ones = [r for r in rows if r["shape"]["kind"] == "denoiser" and r["shape"]["channels"] == channels
@@ -187,21 +206,19 @@ def denoiser_targets(rows: list[dict], on_gpu: bool) -> list[str]:
             continue
         best = min(ones, key=lambda r: r["median_s"])
         ms, speedup = 1e3 * best["median_s"], best["x_reference"] or 1.0
-        lines.append(f"denoiser C={channels}, 37x37, batch 1: best {label(best)} {ms:.3g} ms (target <= 0.3 ms: "
-                     f"{judge(ms <= 0.3, on_gpu)}), {speedup:.2f}x eager fp32 (target >= 5x: "
-                     f"{judge(speedup >= 5, on_gpu)})")
+        where = f"C={channels}, {label(best)}"
+        lines.append(f"denoiser C={channels}, 37x37, batch 1: best {label(best)} {ms:.3g} ms "
+                     f"({judge(found, 'denoiser_latency', where, ms, on_gpu)}), {speedup:.2f}x eager fp32 "
+                     f"({judge(found, 'denoiser_speedup', where, speedup, on_gpu)})")
     return lines or ["no batch-1 denoiser rows: not measured"]
 
 
-def targets(op: str, rows: list[dict], on_gpu: bool, device: str) -> list[str]:
-    timed = [r for r in rows if r["median_s"]]
-    if op == "warp_aggregate":
-        return warp_aggregate_targets(timed, on_gpu)
-    if op == "srt_e2e":
-        return srt_e2e_targets(timed, on_gpu, device)
-    if op == "dvt_fit":
-        return dvt_fit_targets(timed, on_gpu)
-    return denoiser_targets(timed, on_gpu)
+def targets(op: str, rows: list[dict], on_gpu: bool) -> tuple[list[str], list[dict]]:
+    """(the report's lines on the targets, the verdicts of bench/targets.py's targets)."""
+    timed, found = [r for r in rows if r["median_s"]], []
+    judged = {"warp_aggregate": warp_aggregate_targets, "srt_e2e": srt_e2e_targets, "dvt_fit": dvt_fit_targets,
+              "denoiser": denoiser_targets}[op]
+    return judged(timed, on_gpu, found), found
 
 
 def seconds(value: float) -> str:
@@ -305,9 +322,9 @@ def write_report(op: str, run: dict, new_rows: list[dict], out: Path) -> Path:
     runs = {r["datetime"]: r for r in [*old["runs"], run]}
     used = [runs[key] for key in sorted({row["run"] for row in rows})]
     add_ratios(rows)
-    on_gpu = run["slug"] != "cpu"
+    lines, verdicts = targets(op, rows, on_gpu=run["slug"] != "cpu")
     report = {"op": op, "device": run["device"], "slug": run["slug"], "measures": measures(op), "runs": used,
-              "targets": targets(op, rows, on_gpu, run["device"]), "rows": rows}
+              "targets": lines, "verdicts": verdicts, "rows": rows}
     harness.save_text(json_path, json.dumps(report, indent=1) + "\n")
     harness.save_text(json_path.with_suffix(".md"), markdown(op, report))
     if not plot(op, [r for r in rows if r["median_s"]], json_path.with_suffix(".png")):

@@ -16,6 +16,9 @@ and batch B, side by side:
 Every row but authors runs in float32 and in bfloat16 (autocast). All SRT rows and the floors pass
 the same view batch: all K*B views at once on a GPU (what view_batch="auto" picks where they fit),
 32 on a CPU (what "auto" picks there).
+    matmul       the device's bf16 matrix rate: one N x N x N product of random bf16 matrices
+                 (2 N^3 FLOP), N = MATMUL_N; the report gives the share of it the floors' view
+                 forwards reach, their matrix work (gflop_per_view) over their time
 """
 import contextlib
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ AUTHORS_MINI_BATCH = 32
 CPU_VIEW_BATCH = 32
 # the reference aggregation holds about this many K x B x C x H x W float32 tensors
 REFERENCE_COPIES = 3
+MATMUL_N = {"cpu": 512, "target": 8192}  # CPU-sized, and large enough to fill an H100/H200
 # relative, vs the float32 authors' loop (the parity tolerances of tests/test_backbone_fused.py)
 TOLERANCES = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -65,6 +69,8 @@ class Case:
 
 
 def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:  # the matmul row
+        return
     shapes = TARGET_SHAPES if metafunc.config.getoption("target_shapes") else CPU_SHAPES
     cases = [Case(model, size, views, batch, dtype, impl)
              for model, size, views, batch, dtype, impl in product(shapes["models"], shapes["sizes"], shapes["views"],
@@ -201,3 +207,16 @@ def test_srt_e2e(benchmark, case):
     error = ((output.features.double() - expected.double()).norm() / expected.double().norm()).item()
     benchmark.extra_info["rel_err_vs_authors"] = float(f"{error:.2e}")
     assert output.features.shape == expected.shape and error <= TOLERANCES[case.dtype], error
+
+
+def test_bf16_matmul_rate(benchmark, request):
+    benchmark.group = "srt_e2e bf16 matrix rate"
+    n = MATMUL_N["target" if request.config.getoption("target_shapes") else "cpu"]
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(DEVICE, torch.bfloat16) for _ in range(2))  # never zeros
+    output = harness.measure(benchmark, lambda: lambda: a @ b, impl="matmul", ran="torch.matmul", dtype="bfloat16",
+                             gflop=2 * n**3 / 1e9, shape=dict(kind="matmul", n=n))
+    expected = a[:64].double() @ b.double()
+    error = ((output[:64].double() - expected).norm() / expected.norm()).item()
+    benchmark.extra_info["rel_err_vs_float64"] = float(f"{error:.2e}")
+    assert error <= TOLERANCES["bfloat16"], error
