@@ -36,6 +36,16 @@ def bounded(examples: int):
 
 
 @pytest.fixture(autouse=True, scope="module")
+def triton_interpreter():
+    """Every case here is on the CPU, so the fused paths run in Triton's interpreter, also on a
+    machine with a GPU (where tests/conftest.py leaves it off; fastsrt.ops._triton re-imports the
+    kernels when the mode changes). The GPU's own fused parity: tests/test_warp_aggregate.py."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
 def poisoned_outputs():
     """The fast paths' output buffers start as NaN, so an element they do not write shows."""
     def poisoned(shape, tokens):
