@@ -1,0 +1,141 @@
+"""Compiles every fastsrt Triton kernel for NVIDIA GPUs, without a GPU, in the configurations the
+fused launchers use on one (fastsrt/ops/*/fused.py), with the installed Triton's own LLVM and
+bundled ptxas, and prints ptxas' registers and spills per kernel. Exits 1 on a compile error or a
+register spill.
+
+Needs only Triton: the kernel modules (plain ``@triton.jit`` files that import only triton) are
+loaded from their files, so it runs in an environment without torch, e.g. one with another Triton.
+
+    python scripts/check_triton_kernels.py                # sm_80 and sm_90
+    python scripts/check_triton_kernels.py --arch 90
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastsrt.options import PADDINGS  # noqa: E402  (torch-free, like fastsrt.ptxas)
+from fastsrt.ptxas import parse_ptxas_log  # noqa: E402
+
+SELECT_MAX_VIEWS = 16  # fastsrt/ops/warp_aggregate/fused.py: rank selection up to 16 padded views, a sort above
+
+
+def load_kernels(relative: str):
+    """A kernel module from its file, without importing its package (which imports torch)."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(f"fastsrt_compile_check.{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cases():
+    """(label, kernel, pointer types, constexprs, options, needs tensor cores) per configuration.
+    The tiles are the GPU ones of the launchers; the remaining parameters are int32 scalars."""
+    patch = load_kernels("fastsrt/ops/patch_embed/kernels.py")
+    warp = load_kernels("fastsrt/ops/warp_aggregate/kernels.py")
+    tl = patch.tl
+    # patch embedding: float32 operands on FMA, 16-bit operands on tensor cores (fused.py's tiles)
+    for out, operand, tile in [("fp32", tl.float32, (64, 128, 32)), ("bf16", tl.bfloat16, (128, 128, 32)),
+                               ("fp16", tl.float16, (128, 128, 32))]:
+        pointers = dict(images_ptr="*fp32", shifts_ptr="*i32", weight_ptr="*fp32", bias_ptr="*fp32",
+                        out_ptr=f"*{out}")
+        constexprs = dict(PATCH=14, PADDING=PADDINGS.index("reflect"), HAS_BIAS=True, OPERAND=operand,
+                          BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
+        yield (f"patch_embed {out} {'x'.join(map(str, tile))}", patch.shift_patch_embed_kernel, pointers, constexprs,
+               {"num_warps": 8}, out != "fp32")
+    # warp + aggregate: the grouped mean (4096-element tile: patch 14 -> P_PAD 16, 8 tokens, 2 planes)
+    # and the per-pixel median/std (2048 elements: 4 planes x BLOCK_P pixels x K_PAD views)
+    every = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True)
+    paper = dict(IGNORE_PADDING=False, BILINEAR=False, TOKEN_OUTPUT=False)
+    for dtype, acc, flags in [("bf16", tl.float32, every), ("fp32", tl.float32, paper), ("fp64", tl.float64, every)]:
+        pointers = dict(tokens_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", dx_ptr="*i32",
+                        group_dy_ptr="*i32", group_start_ptr="*i32")
+        constexprs = dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, ACC=acc, **flags)
+        label = f"grouped_mean {dtype} {'bilinear' if flags['BILINEAR'] else 'nearest'}"
+        yield label, warp.grouped_mean_kernel, pointers, constexprs, {}, False
+    for dtype, acc, k_pad in [("fp32", tl.float32, 16), ("fp32", tl.float32, 64), ("bf16", tl.float32, 64),
+                              ("fp32", tl.float32, 128), ("fp64", tl.float64, 16)]:
+        pointers = dict(tokens_ptr=f"*{dtype}", out_ptr=f"*{dtype}", std_ptr=f"*{dtype}", dy_ptr="*i32",
+                        dx_ptr="*i32")
+        constexprs = dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=2048 // (4 * k_pad), K_PAD=k_pad,
+                          SELECT_MAX=SELECT_MAX_VIEWS, ACC=acc, **every)
+        method = "rank selection" if k_pad <= SELECT_MAX_VIEWS else "sort"
+        yield f"per_pixel {dtype} K<={k_pad} ({method})", warp.per_pixel_kernel, pointers, constexprs, {}, False
+
+
+def compile_case(kernel, pointers, constexprs, options, arch):
+    """(compiled kernel, ptxas' report) for one configuration."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in names}
+    source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas' -v report
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, log.getvalue()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 = sm_80)")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled, not interpreted, kernels
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    with tempfile.TemporaryDirectory(prefix="fastsrt-triton-cache-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # a cached kernel would skip ptxas and its report
+        import triton
+
+        print(f"Triton {triton.__version__} ({Path(triton.__file__).parent}), Python {sys.version.split()[0]}")
+        print(f"{'arch':<6} {'regs':>4} {'spill st/ld (B)':>15} {'smem (B)':>8} {'s':>5}  kernel")
+        failures = []
+        count = 0
+        for arch in args.arch:
+            for label, kernel, pointers, constexprs, options, tensor_cores in cases():
+                start = time.perf_counter()
+                try:
+                    compiled, log = compile_case(kernel, pointers, constexprs, options, arch)
+                except Exception as error:  # a compile error of any kind is a finding, reported per kernel
+                    failures.append(f"sm_{arch} {label}: {type(error).__name__}: {str(error).strip()[-1500:]}")
+                    print(f"sm_{arch:<3} compile error  {label}")
+                    continue
+                count += 1
+                reports = [r for r in parse_ptxas_log(log) if r.name == kernel.fn.__name__]
+                if not reports:
+                    failures.append(f"sm_{arch} {label}: no ptxas report for {kernel.fn.__name__}")
+                    continue
+                report = reports[-1]
+                spill = f"{report.spill_stores}/{report.spill_loads}"
+                print(f"sm_{arch:<3} {report.registers:>4} {spill:>15} {compiled.metadata.shared:>8} "
+                      f"{time.perf_counter() - start:>5.1f}  {label}", flush=True)
+                if report.spills:
+                    failures.append(f"sm_{arch} {label}: spills {spill} bytes (stores/loads)")
+                if tensor_cores and "mma" not in compiled.asm["ptx"]:
+                    failures.append(f"sm_{arch} {label}: no tensor-core (mma) instruction for 16-bit operands")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    archs = ", ".join(f"sm_{a}" for a in args.arch)
+    if failures:
+        print(f"Triton {triton.__version__}: {len(failures)} problem(s) in {count} compiled kernels for {archs}")
+        return 1
+    print(f"Triton {triton.__version__}: {count} kernels compiled for {archs}, no register spills")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
