@@ -5,9 +5,10 @@ register spill.
 
 Needs only Triton: the kernel modules (plain ``@triton.jit`` files that import only triton) are
 loaded from their files, so it runs in an environment without torch, e.g. one with another Triton.
+The tiles come from the same rules the launchers use (``gpu_tiles``, ``per_pixel_tile``).
 
     python scripts/check_triton_kernels.py                # sm_80 and sm_90
-    python scripts/check_triton_kernels.py --arch 90
+    python scripts/check_triton_kernels.py --arch 90 --ops patch_embed
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsrt.options import PADDINGS  # noqa: E402  (torch-free, like fastsrt.ptxas)
-from fastsrt.ptxas import parse_ptxas_log  # noqa: E402
+from fastsrt.compile_report import parse_ptxas_log  # noqa: E402
+from fastsrt.options import PADDINGS  # noqa: E402  (torch-free, like fastsrt.compile_report)
 
+OPS = ("patch_embed", "warp_aggregate")
 SELECT_MAX_VIEWS = 16  # fastsrt/ops/warp_aggregate/fused.py: rank selection up to 16 padded views, a sort above
 
 
@@ -41,39 +43,50 @@ def load_kernels(relative: str):
     return module
 
 
-def cases():
-    """(label, kernel, pointer types, constexprs, options, needs tensor cores) per configuration.
-    The tiles are the GPU ones of the launchers; the remaining parameters are int32 scalars."""
-    patch = load_kernels("fastsrt/ops/patch_embed/kernels.py")
-    warp = load_kernels("fastsrt/ops/warp_aggregate/kernels.py")
+def cases(ops, arch: int):
+    """(label, kernel, pointer types, constexprs, options, needs tensor cores) per configuration of
+    the ``ops`` on compute capability ``arch`` (90: sm_90): the tiles the launchers choose for it
+    (the kernel modules' tile rules), bilinear + ignore_padding + token output where they add
+    code; the other parameters are int32 scalars."""
+    if "patch_embed" in ops:
+        yield from _patch_embed_cases(load_kernels("fastsrt/ops/patch_embed/kernels.py"), arch // 10)
+    if "warp_aggregate" in ops:
+        yield from _warp_aggregate_cases(load_kernels("fastsrt/ops/warp_aggregate/kernels.py"), arch // 10)
+
+
+def _patch_embed_cases(patch, major):
     tl = patch.tl
-    # patch embedding: float32 operands on FMA, 16-bit operands on tensor cores (fused.py's tiles)
-    for out, operand, tile in [("fp32", tl.float32, (64, 128, 32)), ("bf16", tl.bfloat16, (128, 128, 32)),
-                               ("fp16", tl.float16, (128, 128, 32))]:
+    for out, operand in [("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)]:
+        *tile, warps = patch.gpu_tiles(operand, major)
         pointers = dict(images_ptr="*fp32", shifts_ptr="*i32", weight_ptr="*fp32", bias_ptr="*fp32",
                         out_ptr=f"*{out}")
         constexprs = dict(PATCH=14, PADDING=PADDINGS.index("reflect"), HAS_BIAS=True, OPERAND=operand,
                           BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
         yield (f"patch_embed {out} {'x'.join(map(str, tile))}", patch.shift_patch_embed_kernel, pointers, constexprs,
-               {"num_warps": 8}, out != "fp32")
-    # warp + aggregate: the grouped mean (4096-element tile: patch 14 -> P_PAD 16, 8 tokens, 2 planes)
-    # and the per-pixel median/std (2048 elements: 4 planes x BLOCK_P pixels x K_PAD views)
+               {"num_warps": warps}, out != "fp32")
+
+
+def _warp_aggregate_cases(warp, major):
+    tl = warp.tl
+    # the grouped mean: patch 14 -> P_PAD 16, TOKENS_W 8 token columns, then as many planes as fit
     every = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True)
     paper = dict(IGNORE_PADDING=False, BILINEAR=False, TOKEN_OUTPUT=False)
     for dtype, acc, flags in [("bf16", tl.float32, every), ("fp32", tl.float32, paper), ("fp64", tl.float64, every)]:
         pointers = dict(tokens_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", dx_ptr="*i32",
                         group_dy_ptr="*i32", group_start_ptr="*i32")
-        constexprs = dict(BLOCK_C=2, P_PAD=16, TOKENS_W=8, ACC=acc, **flags)
+        constexprs = dict(BLOCK_C=warp.GROUPED_MEAN_TILE // (16 * 16 * 8), P_PAD=16, TOKENS_W=8, ACC=acc, **flags)
         label = f"grouped_mean {dtype} {'bilinear' if flags['BILINEAR'] else 'nearest'}"
         yield label, warp.grouped_mean_kernel, pointers, constexprs, {}, False
+    # the per-pixel median and std: 4 planes x BLOCK_P outputs x K_PAD views per tile
     for dtype, acc, k_pad in [("fp32", tl.float32, 16), ("fp32", tl.float32, 64), ("bf16", tl.float32, 64),
-                              ("fp32", tl.float32, 128), ("fp64", tl.float64, 16)]:
+                              ("fp32", tl.float32, 128), ("fp64", tl.float64, 16), ("fp64", tl.float64, 64)]:
         pointers = dict(tokens_ptr=f"*{dtype}", out_ptr=f"*{dtype}", std_ptr=f"*{dtype}", dy_ptr="*i32",
                         dx_ptr="*i32")
-        constexprs = dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=2048 // (4 * k_pad), K_PAD=k_pad,
+        block_p = max(1, warp.per_pixel_tile(major, acc == tl.float64) // (4 * k_pad))
+        constexprs = dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=block_p, K_PAD=k_pad,
                           SELECT_MAX=SELECT_MAX_VIEWS, ACC=acc, **every)
-        method = "rank selection" if k_pad <= SELECT_MAX_VIEWS else "sort"
-        yield f"per_pixel {dtype} K<={k_pad} ({method})", warp.per_pixel_kernel, pointers, constexprs, {}, False
+        label = f"per_pixel {dtype} K<={k_pad} ({'rank selection' if k_pad <= SELECT_MAX_VIEWS else 'sort'})"
+        yield label, warp.per_pixel_kernel, pointers, constexprs, {}, False
 
 
 def compile_case(kernel, pointers, constexprs, options, arch):
@@ -94,6 +107,7 @@ def compile_case(kernel, pointers, constexprs, options, arch):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 = sm_80)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="the ops whose kernels to compile")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compiled, not interpreted, kernels
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
@@ -106,7 +120,7 @@ def main(argv=None) -> int:
         failures = []
         count = 0
         for arch in args.arch:
-            for label, kernel, pointers, constexprs, options, tensor_cores in cases():
+            for label, kernel, pointers, constexprs, options, tensor_cores in cases(args.ops, arch):
                 start = time.perf_counter()
                 try:
                     compiled, log = compile_case(kernel, pointers, constexprs, options, arch)

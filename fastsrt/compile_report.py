@@ -1,5 +1,6 @@
-"""Reading the resource report that ``ptxas -v`` writes for each compiled GPU kernel: registers per
-thread, spill stores and loads, stack frame. Both nvcc (``-Xptxas -v``, the CUDA extension) and
+"""Reading compiler output: the resource report that ``ptxas -v`` writes for each compiled GPU
+kernel (registers per thread, spill stores and loads, stack frame), and the warnings a build log
+has for given source files. Both nvcc (``-Xptxas -v``, the CUDA extension) and
 Triton (its bundled ptxas, always run with ``-v``) write it in this form:
 
     ptxas info    : Compiling entry function '_Z7forwardPf' for 'sm_90'
@@ -54,6 +55,15 @@ def parse_ptxas_log(text: str) -> list[KernelResources]:
         elif (match := _USED.search(line)) and current is not None:
             current.registers = int(match[1])
     return kernels
+
+
+def warnings_in(log: str, files: list[str]) -> list[str]:
+    """The lines of a build log that are warnings located in one of ``files`` (base names), as
+    gcc (``path/file.cpp:12:5: warning: ...``) and nvcc (``path/file.cu(12): warning #177-D: ...``)
+    write them; warnings in other files (torch's headers, generated code) are left out."""
+    location = re.compile(r"(?:^|[/\\\s])(" + "|".join(re.escape(f) for f in files) + r")(?::\d+|\(\d+\))")
+    return [line.strip() for line in log.splitlines()
+            if re.search(r"\bwarning\b", line, re.IGNORECASE) and location.search(line.split("warning")[0])]
 
 
 def demangle(names: list[str]) -> list[str]:
