@@ -68,13 +68,15 @@ def _patch_embed_cases(patch, major):
 
 def _warp_aggregate_cases(warp, major):
     tl = warp.tl
-    # the grouped mean: patch 14 -> P_PAD 16, TOKENS_W 8 token columns, then as many planes as fit
+    # the grouped mean: patch 14 -> P_PAD 16, up to 8 token columns, then as many planes as fit
     every = dict(IGNORE_PADDING=True, BILINEAR=True, TOKEN_OUTPUT=True)
     paper = dict(IGNORE_PADDING=False, BILINEAR=False, TOKEN_OUTPUT=False)
     for dtype, acc, flags in [("bf16", tl.float32, every), ("fp32", tl.float32, paper), ("fp64", tl.float64, every)]:
         pointers = dict(tokens_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", dx_ptr="*i32",
                         group_dy_ptr="*i32", group_start_ptr="*i32")
-        constexprs = dict(BLOCK_C=warp.GROUPED_MEAN_TILE // (16 * 16 * 8), P_PAD=16, TOKENS_W=8, ACC=acc, **flags)
+        tile = warp.grouped_mean_tile(acc == tl.float64)
+        tokens_w = min(tile // (16 * 16), 8)
+        constexprs = dict(BLOCK_C=max(1, tile // (16 * 16 * tokens_w)), P_PAD=16, TOKENS_W=tokens_w, ACC=acc, **flags)
         label = f"grouped_mean {dtype} {'bilinear' if flags['BILINEAR'] else 'nearest'}"
         yield label, warp.grouped_mean_kernel, pointers, constexprs, {}, False
     # the per-pixel median and std: 4 planes x BLOCK_P outputs x K_PAD views per tile

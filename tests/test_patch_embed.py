@@ -215,7 +215,7 @@ def test_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
     if done.returncode and "ptxas" in done.stdout and "not found" in done.stdout.lower():
         pytest.skip("Triton's ptxas is not available")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "3 kernels compiled for sm_80, sm_90, no register spills" in done.stdout
+    assert "6 kernels compiled for sm_80, sm_90, no register spills" in done.stdout
 
 
 def test_importing_fastsrt_does_not_import_the_kernel_module():

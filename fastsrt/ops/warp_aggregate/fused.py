@@ -52,7 +52,7 @@ def warp_aggregate_fused(
         return result, std
     planes = batch * channels
     # elements per program's tile: the interpreter pays per program and per op, a GPU per register
-    # (the per-pixel tile holds K values per output: kernels.per_pixel_tile)
+    # (kernels.grouped_mean_tile, kernels.per_pixel_tile: the per-pixel tile holds K values per output)
     interpreted = _triton.interpreting()
     major = torch.cuda.get_device_capability(tokens.device)[0] if tokens.is_cuda else 0
     flags = dict(IGNORE_PADDING=ignore_padding, BILINEAR=upsample == "bilinear", TOKEN_OUTPUT=output == "token",
@@ -60,7 +60,7 @@ def warp_aggregate_fused(
     with _triton.on_device(tokens):
         if reduce == "mean" and not return_std:
             order, dx, group_dy, group_start = _grouped_shift_tables(shifts, tokens.device)
-            tile = 1 << 15 if interpreted else kernels.GROUPED_MEAN_TILE
+            tile = 1 << 15 if interpreted else kernels.grouped_mean_tile(tokens.dtype == torch.float64)
             p_pad = _next_power_of_2(patch_size)
             tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
             block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))

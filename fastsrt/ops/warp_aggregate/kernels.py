@@ -8,14 +8,20 @@ this module when TRITON_INTERPRET changes, so that the kernels run in the mode i
 import triton
 import triton.language as tl
 
-GROUPED_MEAN_TILE = 4096  # elements of a grouped-mean program's tile on a GPU
+# The register tiles on a GPU: the largest that ptxas compiles without spilling under Triton 3.6-3.8
+# (scripts/check_triton_kernels.py checks sm_80 and sm_90); a float64 tile holds a quarter of the
+# elements of a float32 one.
+
+
+def grouped_mean_tile(double: bool) -> int:
+    """Elements (planes x token columns x P_PAD^2 pixels) of a grouped-mean program's tile, for
+    float32 (or float64, ``double``) accumulation."""
+    return 4096 // (4 if double else 1)
 
 
 def per_pixel_tile(major: int, double: bool) -> int:
-    """Elements (planes x outputs x padded views) of a per-pixel program's register tile on a GPU
-    of compute capability ``major``.x, for float32 (or float64, ``double``) accumulation: the
-    largest that ptxas compiles without spilling (scripts/check_triton_kernels.py checks sm_80 and
-    sm_90); sm_90 fits twice the tile of sm_80, a float64 tile a quarter of a float32 one."""
+    """Elements (planes x outputs x padded views) of a per-pixel program's tile on a GPU of compute
+    capability ``major``.x: sm_90 fits twice the tile of sm_80."""
     return (2048 if major >= 9 else 1024) // (4 if double else 1)
 
 
