@@ -79,13 +79,17 @@ def _warp_aggregate_cases(warp, major):
         constexprs = dict(BLOCK_C=max(1, tile // (16 * 16 * tokens_w)), P_PAD=16, TOKENS_W=tokens_w, ACC=acc, **flags)
         label = f"grouped_mean {dtype} {'bilinear' if flags['BILINEAR'] else 'nearest'}"
         yield label, warp.grouped_mean_kernel, pointers, constexprs, {}, False
-    # the per-pixel median and std: 4 planes x BLOCK_P outputs x K_PAD views per tile
+    # the per-pixel median and std: BLOCK_C planes (up to 4) x BLOCK_P outputs x K_PAD views per tile,
+    # up to 256 views (a 7-shift grid has 226); float64 up to 64 (docs/traps.md)
     for dtype, acc, k_pad in [("fp32", tl.float32, 16), ("fp32", tl.float32, 64), ("bf16", tl.float32, 64),
-                              ("fp32", tl.float32, 128), ("fp64", tl.float64, 16), ("fp64", tl.float64, 64)]:
+                              ("fp32", tl.float32, 128), ("fp32", tl.float32, 256), ("fp64", tl.float64, 16),
+                              ("fp64", tl.float64, 64)]:
         pointers = dict(tokens_ptr=f"*{dtype}", out_ptr=f"*{dtype}", std_ptr=f"*{dtype}", dy_ptr="*i32",
                         dx_ptr="*i32")
-        block_p = max(1, warp.per_pixel_tile(major, acc == tl.float64) // (4 * k_pad))
-        constexprs = dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=4, BLOCK_P=block_p, K_PAD=k_pad,
+        tile = warp.per_pixel_tile(major, acc == tl.float64, k_pad)
+        block_c = max(1, min(4, tile // k_pad))  # as fused.py, for many planes and outputs
+        block_p = max(1, tile // (block_c * k_pad))
+        constexprs = dict(MEDIAN=True, RETURN_STD=True, BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=k_pad,
                           SELECT_MAX=SELECT_MAX_VIEWS, ACC=acc, **every)
         label = f"per_pixel {dtype} K<={k_pad} ({'rank selection' if k_pad <= SELECT_MAX_VIEWS else 'sort'})"
         yield label, warp.per_pixel_kernel, pointers, constexprs, {}, False

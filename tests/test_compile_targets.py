@@ -21,7 +21,7 @@ from fastsrt.ops.grid_encoding import extension as loader
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
 
-# a kernel that keeps 64 values live, compiled with at most 16 registers: ptxas must spill; and one that needs few
+# a kernel that keeps 64 values live, compiled with at most 24 registers: ptxas must spill; and one that needs few
 SPILLING_SOURCE = r"""
 __global__ void heavy(const float* in, float* out, int n) {
   float v[64];
@@ -45,13 +45,13 @@ def nvcc(tmp_path: Path, source: str, *flags: str, name: str = "kernels.cu") -> 
 @needs_nvcc
 def test_a_register_spill_is_read_from_real_ptxas_output(tmp_path):
     archs = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-    done = nvcc(tmp_path, SPILLING_SOURCE, *archs, "-Xptxas", "-v", "-maxrregcount", "16")
+    done = nvcc(tmp_path, SPILLING_SOURCE, *archs, "-Xptxas", "-v", "-maxrregcount", "24")
     assert done.returncode == 0, done.stderr
     kernels = parse_ptxas_log(done.stdout + done.stderr)
     assert sorted((k.name, k.arch) for k in kernels) == sorted(
         (name, arch) for name in ("_Z5heavyPKfPfi", "_Z5lightPf") for arch in ("sm_80", "sm_90"))
     for kernel in kernels:
-        assert 0 < kernel.registers <= 16
+        assert 0 < kernel.registers <= 24
         assert kernel.spills == (kernel.name == "_Z5heavyPKfPfi"), kernel
     assert "heavy(float const*, float*, int)" in resources_table(kernels)  # demangled
 

@@ -210,7 +210,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
     done = subprocess.run([sys.executable, str(checker), "--ops", "warp_aggregate"], capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "18 kernels compiled for sm_80, sm_90, no register spills" in done.stdout
+    assert "20 kernels compiled for sm_80, sm_90, no register spills" in done.stdout
 
 
 # ---- chunked torch path -------------------------------------------------------------------

@@ -72,10 +72,10 @@ def warp_aggregate_fused(
             )
         else:
             dy, dx = _shift_tables(shifts, tokens.device)
-            tile = 1 << 15 if interpreted else kernels.per_pixel_tile(major, tokens.dtype == torch.float64)
             k_pad = _next_power_of_2(views)
+            tile = 1 << 15 if interpreted else kernels.per_pixel_tile(major, tokens.dtype == torch.float64, k_pad)
             positions = result[0, 0].numel()
-            block_c = min(_next_power_of_2(planes), 4)
+            block_c = max(1, min(_next_power_of_2(planes), 4, tile // k_pad))
             block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(positions)))
             position_blocks = _cdiv(positions, block_p)
             kernels.per_pixel_kernel[(_cdiv(planes, block_c) * position_blocks,)](

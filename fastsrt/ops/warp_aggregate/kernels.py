@@ -19,10 +19,10 @@ def grouped_mean_tile(double: bool) -> int:
     return 4096 // (4 if double else 1)
 
 
-def per_pixel_tile(major: int, double: bool) -> int:
+def per_pixel_tile(major: int, double: bool, k_pad: int) -> int:
     """Elements (planes x outputs x padded views) of a per-pixel program's tile on a GPU of compute
-    capability ``major``.x: sm_90 fits twice the tile of sm_80."""
-    return (2048 if major >= 9 else 1024) // (4 if double else 1)
+    capability ``major``.x: sm_90 fits twice the tile of sm_80; sorting more than 128 views, half."""
+    return (2048 if major >= 9 else 1024) // (2 if k_pad > 128 else 1) // (4 if double else 1)
 
 
 @triton.jit
