@@ -5,6 +5,7 @@
     fastsrt fit IMAGES... --out DIR       DVT stage 1: (raw, clean, artifact) per image (safetensors)
     fastsrt train-denoiser PAIRS_DIR --out CKPT   train the DVT denoiser (resumable, torchrun for DDP)
     fastsrt export CKPT|NAME --out DIR    the denoiser (or ViT + denoiser) as ONNX / TensorRT engine
+    fastsrt build-extension [--arch "8.0;9.0"]   compile the C++/CUDA extension ahead of time
 
 Choices come from ``fastsrt.options``; defaults from the config dataclasses and signatures that
 own them (``defaults``). Neither imports torch, so ``--help`` answers at once.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import os
+import re
 import sys
 import time
 import warnings
@@ -383,6 +386,50 @@ def run_export(args) -> int:
     return 0
 
 
+def _arch_list(value: str) -> str:
+    """A TORCH_CUDA_ARCH_LIST value: compute capabilities like "8.0;9.0" (also "9.0a", "9.0+PTX")."""
+    archs = [a for a in re.split(r"[;\s,]+", value.strip()) if a]
+    bad = [a for a in archs if not re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", a)]
+    if not archs or bad:
+        raise argparse.ArgumentTypeError(f"{value!r}: give compute capabilities like \"8.0;9.0\" (9.0+PTX also "
+                                         "embeds PTX for newer GPUs)")
+    return ";".join(archs)
+
+
+def run_build_extension(args) -> int:
+    if args.arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = args.arch  # read by the loader and by torch's build
+    import torch
+
+    from fastsrt.compile_report import parse_ptxas_log, resources_table
+    from fastsrt.ops.grid_encoding import extension
+
+    no_cuda = extension.why_no_cuda()
+    if no_cuda and (args.arch or torch.version.cuda):  # CUDA kernels asked for, or expected from a CUDA torch
+        raise Unavailable(f"cannot compile the CUDA kernels: {no_cuda}")
+    module, problem = extension.build_extension()
+    if module is None:
+        raise Unavailable(f"the C++ grid-encoding extension could not be built: {problem}")
+    library = Path(module.__file__)
+    log = library.parent / extension.LOG_NAME
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if args.verbose:
+        print(text or f"(no compiler output kept: {log} is missing)", end="" if text.endswith("\n") else "\n")
+    archs = extension.cuda_architectures()
+    print(f"fastsrt build-extension: {library}")
+    print(f"  built for: {'CPU + CUDA ' + archs if module.has_cuda() else 'CPU only'} (torch {torch.__version__})")
+    kernels = parse_ptxas_log(text)
+    if kernels:
+        print("  registers and spills per kernel (ptxas -v):")
+        print("    " + resources_table(kernels).replace("\n", "\n    "))
+    print(f"  the compiler's output: {log}")
+    settings = f"TORCH_EXTENSIONS_DIR={library.parent.parent}"
+    if module.has_cuda():
+        settings += f' TORCH_CUDA_ARCH_LIST="{archs}"'
+    print(f"  processes find this build with the same torch, sources and {settings}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsrt", description="Fine-grained, clean ViT features (SRT, DVT).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -466,6 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default=None)
     _add_seed_option(export)
     export.set_defaults(run=run_export)
+
+    build = commands.add_parser("build-extension", help="compile the C++/CUDA grid-encoding extension ahead of "
+                                                        "time, GPU or not (container images)")
+    build.add_argument("--arch", type=_arch_list, default=None,
+                       help='GPU architectures for the CUDA kernels, e.g. "8.0;9.0" (default: $TORCH_CUDA_ARCH_LIST, '
+                            "else the visible GPUs; neither: a CPU-only build on a CPU torch)")
+    build.add_argument("--verbose", action="store_true", help="print the compiler's whole output")
+    build.set_defaults(run=run_build_extension)
     return parser
 
 

@@ -23,7 +23,7 @@ class ExtensionEncoding(Implementation):
         if problem:
             reasons.append(f"the C++ grid-encoding extension is unavailable: {problem}")
         elif coords.device.type == "cuda" and not extension.load_extension().has_cuda():
-            reasons.append("the extension was built without CUDA kernels (no nvcc or GPU at build time)")
+            reasons.append(f"the extension was built without CUDA kernels: {extension.why_no_cuda()}")
         return reasons
 
     def __call__(self, coords, table, config):

@@ -49,14 +49,13 @@ def shift_patch_embed_triton(
     # tl.dot is wrong and whose casts to bfloat16 truncate instead of rounding (docs/traps.md)
     operand = tl.float32 if interpreted else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                                                torch.float16: tl.float16}[out_dtype]
-    # fixed tiles (the interpreter cannot autotune): big ones there (~1 ms per program); on sm_90 these
-    # compile without register spills (ptxas -v), tensor cores for 16-bit operands, FMA for float32
+    # fixed tiles (the interpreter cannot autotune): big ones there (~1 ms per program); on a GPU, the
+    # largest that compile without register spills for its architecture (kernels.gpu_tiles)
     if interpreted:
         block_m, block_n, block_k, warps = 64, 64, 64, 4
-    elif operand == tl.float32:
-        block_m, block_n, block_k, warps = 64, 128, 32, 8
     else:
-        block_m, block_n, block_k, warps = 128, 128, 32, 8
+        major = torch.cuda.get_device_capability(images.device)[0]
+        block_m, block_n, block_k, warps = kernels.gpu_tiles(operand, major)
     grid = (-(-rows // block_m), -(-dim // block_n))  # rows on axis 0 (up to 2^31 - 1 programs)
     with _triton.on_device(images):
         kernels.shift_patch_embed_kernel[grid](

@@ -10,6 +10,17 @@ import triton
 import triton.language as tl
 
 
+def gpu_tiles(operand, major: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) on a GPU of compute capability ``major``.x for operands
+    of type ``operand``: FMA for float32, tensor cores for 16-bit types. Chosen so that ptxas spills
+    no register under Triton 3.6-3.8 (scripts/check_triton_kernels.py compiles them for sm_80 and
+    sm_90): before sm_90, a 128 x 128 tile of 16-bit operands and, under Triton 3.8, a 64 x 128 x 32
+    float32 tile need more than 255 registers per thread."""
+    if operand == tl.float32:
+        return (64, 128, 32, 8) if major >= 9 else (64, 128, 16, 8)
+    return (128, 128, 32, 8) if major >= 9 else (128, 64, 32, 8)
+
+
 @triton.jit
 def shift_patch_embed_kernel(
     images_ptr, shifts_ptr, weight_ptr, bias_ptr, out_ptr,

@@ -52,14 +52,15 @@ def warp_aggregate_fused(
         return result, std
     planes = batch * channels
     # elements per program's tile: the interpreter pays per program and per op, a GPU per register
-    # (the per-pixel tile holds K values per output and spills above 2048 on sm_90)
+    # (kernels.grouped_mean_tile, kernels.per_pixel_tile: the per-pixel tile holds K values per output)
     interpreted = _triton.interpreting()
+    major = torch.cuda.get_device_capability(tokens.device)[0] if tokens.is_cuda else 0
     flags = dict(IGNORE_PADDING=ignore_padding, BILINEAR=upsample == "bilinear", TOKEN_OUTPUT=output == "token",
                  ACC=kernels.tl.float64 if tokens.dtype == torch.float64 else kernels.tl.float32)
     with _triton.on_device(tokens):
         if reduce == "mean" and not return_std:
             order, dx, group_dy, group_start = _grouped_shift_tables(shifts, tokens.device)
-            tile = 1 << 15 if interpreted else 4096
+            tile = 1 << 15 if interpreted else kernels.grouped_mean_tile(tokens.dtype == torch.float64)
             p_pad = _next_power_of_2(patch_size)
             tokens_w = max(1, min(tile // (p_pad * p_pad), _next_power_of_2(w), 8))
             block_c = max(1, min(tile // (p_pad * p_pad * tokens_w), _next_power_of_2(planes)))
@@ -71,10 +72,10 @@ def warp_aggregate_fused(
             )
         else:
             dy, dx = _shift_tables(shifts, tokens.device)
-            tile = 1 << 15 if interpreted else 2048
             k_pad = _next_power_of_2(views)
+            tile = 1 << 15 if interpreted else kernels.per_pixel_tile(major, tokens.dtype == torch.float64, k_pad)
             positions = result[0, 0].numel()
-            block_c = min(_next_power_of_2(planes), 4)
+            block_c = max(1, min(_next_power_of_2(planes), 4, tile // k_pad))
             block_p = max(1, min(tile // (block_c * k_pad), _next_power_of_2(positions)))
             position_blocks = _cdiv(positions, block_p)
             kernels.per_pixel_kernel[(_cdiv(planes, block_c) * position_blocks,)](

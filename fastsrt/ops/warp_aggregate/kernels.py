@@ -8,6 +8,22 @@ this module when TRITON_INTERPRET changes, so that the kernels run in the mode i
 import triton
 import triton.language as tl
 
+# The register tiles on a GPU: the largest that ptxas compiles without spilling under Triton 3.6-3.8
+# (scripts/check_triton_kernels.py checks sm_80 and sm_90); a float64 tile holds a quarter of the
+# elements of a float32 one.
+
+
+def grouped_mean_tile(double: bool) -> int:
+    """Elements (planes x token columns x P_PAD^2 pixels) of a grouped-mean program's tile, for
+    float32 (or float64, ``double``) accumulation."""
+    return 4096 // (4 if double else 1)
+
+
+def per_pixel_tile(major: int, double: bool, k_pad: int) -> int:
+    """Elements (planes x outputs x padded views) of a per-pixel program's tile on a GPU of compute
+    capability ``major``.x: sm_90 fits twice the tile of sm_80; sorting more than 128 views, half."""
+    return (2048 if major >= 9 else 1024) // (2 if k_pad > 128 else 1) // (4 if double else 1)
+
 
 @triton.jit
 def _axis_taps(pos, shift, patch, n_tokens, BILINEAR: tl.constexpr, ACC: tl.constexpr):
