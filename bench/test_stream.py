@@ -10,7 +10,10 @@ views K, batch B and dtype, side by side:
 The stream row's extra_info holds of_in_memory (its frames/s over the in-memory row's: the target
 is >= 0.9), the stream's own latency percentiles (ms; the frame taken from the decoder to its
 result ready) and how long the loop waited for the decoding thread, from the last timed round.
-The same SRT object serves both rows of a group.
+The same SRT object serves both rows of a group. On a CPU the model runs on one torch thread
+(torch_threads in extra_info), leaving the other cores to the decoding thread as a deployment
+would: an OpenMP team sharing a loaded CPU with other processes spin-waits at every barrier and
+slows down many-fold at random, which would drown the comparison.
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -71,6 +74,16 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", harness.params(cases, gpu_only=lambda case: False))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_threads():
+    """One torch thread on a CPU for this suite (module doc), the setting restored after it."""
+    threads = torch.get_num_threads()
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stream-videos")
@@ -127,8 +140,9 @@ def test_stream(benchmark, case, video_dir):
     srt = make_srt(case.model, case.views, case.dtype)
     checked = checked_frames(case)
     info = dict(impl=case.impl, baseline=case.impl == "in-memory", dtype=case.dtype, images=case.frames,
-                shape=dict(model=case.model, size=case.size, views=case.views, batch=case.batch,
-                           frames=case.frames, video=f"{case.video[0]}x{case.video[1]} {CODEC}"))
+                torch_threads=torch.get_num_threads(),
+                video=f"{case.video[0]}x{case.video[1]} {CODEC}, {case.frames} frames",
+                shape=dict(model=case.model, size=case.size, views=case.views, batch=case.batch, frames=case.frames))
 
     if case.impl == "in-memory":
         batches = in_memory_batches(path, srt, case)
