@@ -1,9 +1,11 @@
 """fastsrt.stream: the same results as SRT on the frames in memory, in order, from every frame type
 and from video files; the source's errors after the frames before them; back-pressure; a loop
 left early stops the thread; stats."""
+import copy
 import json
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -304,7 +306,7 @@ def test_cuda_pinned_side_stream_parity(model, tmp_path):
     and the results match the CPU's."""
     frames = random_frames(5, seed=5)
     cpu_items = list(fastsrt.stream(frames, make_srt(model), batch=2, short_side=SHORT_SIDE))
-    srt = make_srt(model.cuda())
+    srt = make_srt(copy.deepcopy(model).cuda())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as profile:
         items = list(fastsrt.stream(frames, srt, batch=2, short_side=SHORT_SIDE))
@@ -318,5 +320,5 @@ def test_cuda_pinned_side_stream_parity(model, tmp_path):
     copies = [e for e in events if e.get("cat") == "gpu_memcpy" and e.get("args", {}).get("bytes") == frame_bytes]
     kernels = [e for e in events if e.get("cat") == "kernel"]
     assert copies and all("Pinned" in e["name"] for e in copies), {e["name"] for e in copies}
-    copy_streams = {e["args"]["stream"] for e in copies}
-    assert copy_streams.isdisjoint({e["args"]["stream"] for e in kernels if "gemm" in e["name"].lower()})
+    compute_stream = Counter(e["args"]["stream"] for e in kernels).most_common(1)[0][0]  # the model's kernels
+    assert compute_stream not in {e["args"]["stream"] for e in copies}
