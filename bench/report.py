@@ -1,5 +1,5 @@
 """Turns the files `pytest bench/ --benchmark-json=FILE` writes into bench/results/<op>-<device>.json,
-.md and .png per suite (op: warp_aggregate, srt_e2e, dvt_fit, denoiser): the device, versions and
+.md and .png per suite (op: warp_aggregate, srt_e2e, dvt_fit, denoiser, stream): the device, versions and
 commands, each row's time, peak memory and ratios to its group's reference (and floor), the targets
 of bench/targets.py (docs/benchmarks.md) met or missed, also as data ("verdicts"), and a plot of time
 and peak memory against views and size.
@@ -30,7 +30,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.targets import BY_KEY, verdict  # noqa: E402
 
-OPS = ("warp_aggregate", "srt_e2e", "dvt_fit", "denoiser")
+OPS = ("warp_aggregate", "srt_e2e", "dvt_fit", "denoiser", "stream")
 PLOT_AXES = ("views", "size", "points", "batch")
 CPU_NOTE = ("The targets are set for one H100/H200-class GPU at the target shapes (docs/benchmarks.md); "
             "these CPU numbers are for the record and get no verdict on the GPU targets.")
@@ -213,11 +213,25 @@ def denoiser_targets(rows: list[dict], on_gpu: bool, found: list[dict]) -> list[
     return lines or ["no batch-1 denoiser rows: not measured"]
 
 
+def stream_targets(rows: list[dict], on_gpu: bool, found: list[dict]) -> list[str]:
+    """Judged on any device: decoding a frame must hide behind the model's work on it."""
+    lines = []
+    for row in rows:
+        if row["impl"] != "stream" or row["x_reference"] is None:
+            continue
+        where = row["group"].removeprefix("stream ")
+        latency = ", ".join(f"{name} {ms:.4g} ms" for name, ms in row["latency_ms"].items())
+        lines.append(f"{where}: the stream reaches {row['x_reference']:.2f} of the in-memory frames/s "
+                     f"({judge(found, 'stream_share', where, row['x_reference'], True)}); latency {latency}; "
+                     f"the loop waited on decoding {row['waited_s']:.3g} s of {row['stream_seconds']:.3g} s")
+    return lines or ["no stream rows: not measured"]
+
+
 def targets(op: str, rows: list[dict], on_gpu: bool) -> tuple[list[str], list[dict]]:
     """(the report's lines on the targets, the verdicts of bench/targets.py's targets)."""
     timed, found = [r for r in rows if r["median_s"]], []
     judged = {"warp_aggregate": warp_aggregate_targets, "srt_e2e": srt_e2e_targets, "dvt_fit": dvt_fit_targets,
-              "denoiser": denoiser_targets}[op]
+              "denoiser": denoiser_targets, "stream": stream_targets}[op]
     return judged(timed, on_gpu, found), found
 
 

@@ -68,6 +68,8 @@ TARGETS = (
            at_most=True, unit="share"),
     Target("denoiser_latency", "denoiser", "denoiser batch 1, 37x37: best latency", 0.3, at_most=True, unit="ms"),
     Target("denoiser_speedup", "denoiser", "denoiser batch 1, 37x37: best vs eager fp32", 5),
+    Target("stream_share", "stream", "fastsrt.stream on a video: share of SRT's frames/s on frames in memory", 0.9,
+           unit="share"),
 )
 BY_KEY = {target.key: target for target in TARGETS}
 
