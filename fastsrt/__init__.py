@@ -24,7 +24,7 @@ _PUBLIC = {  # name -> the module that defines it
     "load_timm_model": "fastsrt.backbone",
     "paper_grid": "fastsrt.views",
     "random_shifts": "fastsrt.views",
-    "stream": "fastsrt.stream",
+    "stream": "fastsrt.streaming",  # a module of another name: ``import fastsrt.stream`` would rebind the name
 }
 __all__ = sorted(_PUBLIC)
 

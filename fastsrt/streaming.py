@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import time
-import types
 import weakref
 from array import array
 from collections.abc import Iterable, Iterator
@@ -405,14 +403,3 @@ class _Producer(threading.Thread):
         else:
             images = torch.stack([frame.image for frame in frames])
         return _Batch(images, [f.index for f in frames], [f.time for f in frames], [f.taken for f in frames], ready)
-
-
-class _CallableModule(types.ModuleType):
-    """``fastsrt.stream`` names the function; an ``import fastsrt.stream`` binds this module to that
-    name instead, so calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs) -> Stream:
-        return stream(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
