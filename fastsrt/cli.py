@@ -162,14 +162,35 @@ def _denoiser(source: str, variant: str | None, backbone: str | None):
     return Denoiser.from_pretrained(source, variant)
 
 
+def _add_variant_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", choices=DVT_VARIANTS, default=None,
+                        help="of a released denoiser: trained on ImageNet or VOC (default: imagenet where released, "
+                             "else voc)")
+
+
+def _add_denoiser_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--denoiser", default=None, metavar="FILE|NAME",
+                        help="denoise every view with a DVT denoiser before SRT aggregates them (fastsrt.DVT with "
+                             "shifts): a checkpoint file, or a backbone's name for the DVT authors' released one; "
+                             "the denoiser's layer is used")
+    _add_variant_option(parser)
+
+
 def _build_srt(args, output: str | None = None):
     from fastsrt.options import torch_dtype
     from fastsrt.srt import SRT
 
     dtype = None if args.dtype == "float32" else torch_dtype(args.dtype)
-    return SRT(_backbone(args).to(_device(args)), args.shifts, layer=args.layer, upsample=args.upsample,
-               padding=args.padding, reduce=args.reduce, ignore_padding=args.ignore_padding,
-               output=output or args.output, impl=args.impl, view_batch=args.view_batch, dtype=dtype)
+    backbone, layer, denoiser = _backbone(args).to(_device(args)), args.layer, None
+    if getattr(args, "denoiser", None):
+        denoiser = _denoiser(args.denoiser, args.variant, args.model).to(_device(args)).eval()
+        if layer != defaults("srt.py", "SRT")["layer"] and backbone.layer_indices(layer) != \
+                backbone.layer_indices(denoiser.layer):
+            raise ValueError(f"--layer {layer} is not the layer the denoiser was trained on ({denoiser.layer})")
+        layer = denoiser.layer
+    return SRT(backbone, args.shifts, layer=layer, upsample=args.upsample, padding=args.padding, reduce=args.reduce,
+               ignore_padding=args.ignore_padding, output=output or args.output, impl=args.impl,
+               view_batch=args.view_batch, dtype=dtype, token_transform=denoiser)
 
 
 def run_extract(args) -> int:
@@ -449,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--no-png", action="store_true", help="skip the PCA pictures of images")
     _add_srt_options(extract, size=defaults("extract.py", "extract")["short_side"])
     _add_video_options(extract)
+    _add_denoiser_option(extract)
     _add_seed_option(extract)
     extract.set_defaults(run=run_extract)
 
@@ -494,9 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="compile the denoiser (or ViT + denoiser) for deployment")
     export.add_argument("checkpoint", help="a denoiser checkpoint (fastsrt .safetensors or the authors' .pth), or "
                                            "a backbone's name for the DVT authors' released denoiser (--variant)")
-    export.add_argument("--variant", choices=DVT_VARIANTS, default=None,
-                        help="of a released denoiser: trained on ImageNet or VOC (default: imagenet where released, "
-                             "else voc)")
+    _add_variant_option(export)
     export.add_argument("--out", required=True, help="folder for the ONNX file (and TensorRT engine)")
     export.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="token grid (default: the trained one)")
     compiled = defaults("deploy/runtime.py", "compile")

@@ -114,6 +114,8 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
                 "upsample": srt.upsample, "padding": srt.padding, "reduce": srt.reduce,
                 "ignore_padding": srt.ignore_padding, "output": srt.output,
                 "patch_size": srt.patch_size, "dtype": str(srt.dtype or torch.float32).removeprefix("torch.")}
+    if srt.token_transform is not None:  # e.g. a DVT denoiser applied to every view (fastsrt extract --denoiser)
+        metadata["token_transform"] = getattr(srt.token_transform, "config", type(srt.token_transform).__name__)
     label = f"extract (rank {rank}/{world_size})" if world_size > 1 else "extract"
     for path in tqdm(paths, desc=label, unit="file", disable=not progress):
         target = out_dir / f"{path.stem}.safetensors"

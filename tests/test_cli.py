@@ -206,3 +206,31 @@ def test_import_fastsrt_is_torch_free_and_still_makes_timm_importable():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["VisionTransformer", "SRT", "Denoiser"]
+
+
+def test_extract_with_a_denoiser_writes_dvt_with_shifts(image_folder, tmp_path, capsys):
+    """--denoiser FILE: every view denoised before the aggregation, as fastsrt.DVT(shifts=...) computes
+    (the same seeded random weights: --seed 0); the denoiser's layer is used, another --layer refused."""
+    import torch
+
+    from fastsrt.dvt.denoiser import Denoiser
+    from fastsrt.io import load_image, normalize, resize_to_patch_multiple
+
+    torch.manual_seed(0)
+    denoiser = Denoiser(384, grid=(2, 2), backbone="vit_small_patch14_dinov2", layer=-2).eval()
+    checkpoint = denoiser.save(tmp_path / "denoiser.safetensors")
+    out = tmp_path / "out"
+    image = image_folder / "square.png"
+    assert main(["extract", str(image), "--out", str(out), "--no-png", "--denoiser", str(checkpoint), *FAST]) == 0
+    with safe_open(out / "square.safetensors", "pt") as f:
+        stored, metadata = f.get_tensor("srt"), f.metadata()
+    assert metadata["layer"] == "-2" and '"layer": -2' in metadata["token_transform"]
+
+    model = fastsrt.load_timm_model("vit_small_patch14_dinov2", pretrained=False, seed=0).eval()
+    dvt = fastsrt.DVT(model, Denoiser.load(checkpoint), shifts=1, output="pixel")
+    batch = normalize(resize_to_patch_multiple(load_image(image), 28, 14), dvt.backbone.mean, dvt.backbone.std)
+    expected = dvt(batch[None])[0]
+    assert expected.shape == stored.shape and torch.allclose(stored, expected, rtol=1e-5, atol=1e-5)
+    assert main(["extract", str(image), "--out", str(tmp_path / "o2"), "--no-png", "--denoiser", str(checkpoint),
+                 "--layer", "3", *FAST]) == 2
+    assert "not the layer the denoiser was trained on (-2)" in capsys.readouterr().err
