@@ -107,6 +107,12 @@ BENCHES = {
         "dvt_fit",
         ids("test_dvt_fit", "encoding-N1048576-reference", "encoding-N1048576-extension"),
         ids("test_dvt_fit", "encoding-N4096-reference", "encoding-N4096-extension")),
+    # needs PyAV (not on the benchmark machine's image: carry its wheel, docs/benchmarks.md); skipped without it
+    "stream": Bench(
+        "stream",
+        ids("test_stream", *(f"vit_small-518px-K50-B{batch}-bfloat16-{impl}" for batch in (1, 8)
+                             for impl in ("in-memory", "stream"))),
+        ids("test_stream", "vit_small-28px-K10-B4-float32-in-memory", "vit_small-28px-K10-B4-float32-stream")),
     "dvt_fit": Bench(
         "dvt_fit",
         ids("test_dvt_fit", "features-bfloat16", "fit-8-per-fit-extension")),  # minutes on a CPU
@@ -114,7 +120,7 @@ BENCHES = {
 # seconds per step on an H100/H200 (what each needs, with room), and on a CPU
 BUDGETS = {"env": (30, 60), "extension": (180, 300), "tests": (170, 240), "warp_aggregate": (60, 120),
            "srt_small": (90, 120), "srt_base": (90, 60), "denoiser": (90, 120), "dvt_encoding": (45, 60),
-           "dvt_fit": (600, 120)}
+           "stream": (60, 60), "dvt_fit": (600, 120)}
 STEPS = tuple(BUDGETS)
 # the CPU run's tests: those marked requires_cuda (skipped there) and two small interpreter runs
 CPU_TESTS = "on_cuda or test_fused_patch_14_nearest_paper_settings or one_tiny_image"
