@@ -112,6 +112,11 @@ def _add_srt_options(parser: argparse.ArgumentParser, size: int | None, output: 
     parser.add_argument("--view-batch", type=_view_batch, default=srt["view_batch"],
                         help="images per backbone forward, or auto: what fits the GPU, 32 on a CPU "
                              "(default: %(default)s)")
+    parser.add_argument("--max-views", type=int, default=srt["max_views"],
+                        help="run only the first N views (a grid runs in the anytime order; default: all)")
+    parser.add_argument("--budget-ms", type=float, default=srt["budget_ms"],
+                        help="time budget for one call's views in ms: views run in chunks of --view-batch while "
+                             "the next chunk fits, at least one (default: none)")
     parser.add_argument("--size", type=int, default=size,
                         help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -140,7 +145,8 @@ def _build_srt(args, output: str | None = None):
     dtype = None if args.dtype == "float32" else torch_dtype(args.dtype)
     return SRT(_backbone(args).to(_device(args)), args.shifts, layer=args.layer, upsample=args.upsample,
                padding=args.padding, reduce=args.reduce, ignore_padding=args.ignore_padding,
-               output=output or args.output, impl=args.impl, view_batch=args.view_batch, dtype=dtype)
+               output=output or args.output, impl=args.impl, view_batch=args.view_batch, dtype=dtype,
+               max_views=args.max_views, budget_ms=args.budget_ms)
 
 
 def run_extract(args) -> int:
