@@ -119,6 +119,11 @@ def _add_srt_options(parser: argparse.ArgumentParser, size: int | None, output: 
     parser.add_argument("--view-batch", type=_view_batch, default=srt["view_batch"],
                         help="images per backbone forward, or auto: what fits the GPU, 32 on a CPU "
                              "(default: %(default)s)")
+    parser.add_argument("--max-views", type=int, default=srt["max_views"],
+                        help="run only the first N views (a grid runs in the anytime order; default: all)")
+    parser.add_argument("--budget-ms", type=float, default=srt["budget_ms"],
+                        help="time budget for one call's views in ms: views run in chunks of --view-batch while "
+                             "the next chunk fits, at least one (default: none)")
     parser.add_argument("--size", type=int, default=size,
                         help="shorter image side, rounded to the patch (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -190,7 +195,8 @@ def _build_srt(args, output: str | None = None):
         layer = denoiser.layer
     return SRT(backbone, args.shifts, layer=layer, upsample=args.upsample, padding=args.padding, reduce=args.reduce,
                ignore_padding=args.ignore_padding, output=output or args.output, impl=args.impl,
-               view_batch=args.view_batch, dtype=dtype, token_transform=denoiser)
+               view_batch=args.view_batch, dtype=dtype, token_transform=denoiser,
+               max_views=args.max_views, budget_ms=args.budget_ms)
 
 
 def run_extract(args) -> int:

@@ -6,6 +6,8 @@ undo the shift, and aggregate over views into a pixel-resolution feature field (
 """
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,7 +29,7 @@ from fastsrt.ops.patch_embed import FUSED_KERNEL
 from fastsrt.ops.shift import check_shifts_fit, shift_images
 from fastsrt.ops.warp_aggregate import warp_aggregate
 from fastsrt.options import OUTPUTS, PADDINGS, REDUCES, SRT_IMPLS, UPSAMPLES
-from fastsrt.views import as_shifts
+from fastsrt.views import anytime_order, as_shifts, is_grid
 
 TokenTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,13 +41,16 @@ class SRTOutput:
     standard deviation across views (the paper's noise map), when asked for. prefix: (B, P, C),
     the prefix tokens (CLS, registers) averaged over views, when asked for (a list per layer too).
     views_impl, aggregation_impl: what ran for the views ("fused" or "reference") and for the
-    aggregation ("fused", "chunked" or "reference"); ``impl`` says both in one string."""
+    aggregation ("fused", "chunked" or "reference"); ``impl`` says both in one string. views_done: how
+    many views (the first of ``SRT.shifts``) the result aggregates: all of them unless ``max_views`` or
+    ``budget_ms`` stopped early."""
 
     features: torch.Tensor | list[torch.Tensor]
     std: torch.Tensor | list[torch.Tensor] | None = None
     prefix: torch.Tensor | list[torch.Tensor] | None = None
     views_impl: str = ""
     aggregation_impl: str = ""
+    views_done: int = 0
 
     @property
     def impl(self) -> str:
@@ -57,8 +62,9 @@ class SRTOutput:
 
 
 class ViewTokens(NamedTuple):
-    """tokens: per layer (K, B, C, h, w); prefix: per layer (K, B, P, C) when asked for, else
-    empty; impl: what made them ("fused" or "reference")."""
+    """tokens: per layer (K, B, C, h, w) for the K views done (the first K of ``SRT.shifts``);
+    prefix: per layer (K, B, P, C) when asked for, else empty; impl: what made them ("fused" or
+    "reference")."""
 
     tokens: list[torch.Tensor]
     prefix: list[torch.Tensor]
@@ -116,6 +122,10 @@ class SRT(nn.Module):
         shifts: an int d -> the paper's grid, the identity view plus every (dy, dx) with
             |dy|, |dx| <= d (1 + (2d+1)^2 views; d=3 gives the authors' 50); or a sequence of
             (dy, dx) int pairs, duplicates allowed. View convention: view(y, x) = image(y-dy, x-dx).
+            A grid (an int, or exactly ``paper_grid(d)`` / ``grid(d)``) runs in the anytime order
+            (``fastsrt.views.anytime_order``): every prefix covers the sub-token offsets evenly, so
+            that stopping early (``max_views``, ``budget_ms``) gives a result close to the full one;
+            explicit pairs otherwise run in their order. ``self.shifts``: the views in running order.
         layer: block index (negative from the end; -1 = the final normed tokens) or a sequence.
         upsample: "nearest" (paper) or "bilinear" (F.interpolate, align_corners=False).
         padding: fill of the shifted images: "zeros" (paper), "replicate" or "reflect".
@@ -145,6 +155,15 @@ class SRT(nn.Module):
             in the chunk x batch (view-major). It sees the grids as the backbone gives them (in
             ``dtype`` under mixed precision), not the prefix tokens. E.g. a DVT denoiser
             (fastsrt.DVT with ``shifts``: every view denoised, then aggregated).
+        max_views: None (every view), or run only the first ``max_views`` of ``shifts`` (all of them
+            when there are fewer).
+        budget_ms: None, or a time budget in milliseconds for the views of one ``run``: views run in
+            chunks of ``view_batch`` images, and a further chunk starts only while the time spent
+            plus the last chunk's time per view times the next chunk's views fits the budget; the
+            first chunk always runs. Wall time on a CPU; on a GPU with a CUDA synchronisation at
+            each chunk's end. The aggregation after the views is not counted. With either option
+            the result aggregates (mean, median, std, ignore_padding) the views done, and
+            ``SRTOutput.views_done`` says how many.
     """
 
     def __init__(
@@ -166,6 +185,8 @@ class SRT(nn.Module):
         compile: bool = False,
         cuda_graph: bool = False,
         token_transform: TokenTransform | None = None,
+        max_views: int | None = None,
+        budget_ms: float | None = None,
     ):
         super().__init__()
         check_choice("upsample", upsample, UPSAMPLES)
@@ -176,12 +197,20 @@ class SRT(nn.Module):
         check_choice("dtype", dtype, DTYPES)
         if view_batch != "auto" and (isinstance(view_batch, bool) or not isinstance(view_batch, int) or view_batch < 1):
             raise ValueError(f"view_batch must be an int >= 1 or 'auto', got {view_batch!r}")
+        if max_views is not None and (isinstance(max_views, bool) or not isinstance(max_views, int) or max_views < 1):
+            raise ValueError(f"max_views must be None or an int >= 1, got {max_views!r}")
+        if budget_ms is not None and (isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float))
+                                      or not math.isfinite(budget_ms) or budget_ms < 0):
+            raise ValueError(f"budget_ms must be None or a finite number of milliseconds >= 0, got {budget_ms!r}")
         if token_transform is not None and not callable(token_transform):
             raise TypeError(f"token_transform must be callable, got {type(token_transform).__name__}")
         self.backbone = as_backbone(model, patch_size=patch_size, pretrained=pretrained, pad_to_patch=pad_to_patch)
         self.layers = self.backbone.layer_indices(layer)  # validates
         self.layer = layer
         self.shifts = as_shifts(shifts)
+        if is_grid(self.shifts):
+            self.shifts = anytime_order(self.shifts, self.patch_size)
+        self.max_views, self.budget_ms = max_views, budget_ms
         self.upsample, self.padding, self.reduce = upsample, padding, reduce
         self.ignore_padding, self.output, self.impl = ignore_padding, output, impl
         self.view_batch = view_batch
@@ -209,10 +238,11 @@ class SRT(nn.Module):
         size = images.shape[-2:]
         check_shifts_fit(self.shifts, *size)
         views = self.view_tokens(padded, prefix)
+        done = views.tokens[0].shape[0]
         features, stds = [], []
         for layer_tokens in views.tokens:
             aggregate, deviation, aggregation_impl = warp_aggregate(
-                layer_tokens, self.shifts, self.patch_size, self.upsample, self.reduce,
+                layer_tokens, self.shifts[:done], self.patch_size, self.upsample, self.reduce,
                 self.ignore_padding, self.output, return_std=std, impl=self.impl,
             )
             if self.output == "pixel":  # drop the padding of pad_to_patch
@@ -228,20 +258,25 @@ class SRT(nn.Module):
             prefix=pick([p.mean(0) for p in views.prefix]) if prefix else None,
             views_impl=views.impl,
             aggregation_impl=aggregation_impl,
+            views_done=done,
         )
 
     def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> ViewTokens:
-        """Backbone tokens of every view of a batch (sides a multiple of the patch), after
-        ``token_transform``. Views go through the backbone ``view_batch`` images at a time, by
-        the fused path or as shifted images (``impl``; fastsrt.dispatch chooses)."""
+        """Backbone tokens of the views of a batch (sides a multiple of the patch), after
+        ``token_transform``: every view, or the first ones as ``max_views`` and ``budget_ms`` allow.
+        Views go through the backbone ``view_batch`` images at a time, by the fused path or as
+        shifted images (``impl``; fastsrt.dispatch chooses)."""
         paths_impl = "reference" if self.impl == "chunked" else self.impl
         path = choose("SRT views", self.view_paths, paths_impl, images.device.type, images, self.shifts,
                       self.layers, prefix)
-        views, batch = len(self.shifts), images.shape[0]
+        views, batch = min(len(self.shifts), self.max_views or len(self.shifts)), images.shape[0]
         views_per_call = max(1, self._view_batch(images, prefix, path) // batch)
+        budget = _Budget(self.budget_ms, images.device)
         tokens, prefixes = [], []  # per layer (K, B, ...), filled chunk by chunk: no second copy
         for start in range(0, views, views_per_call):
-            shifts = self.shifts[start : start + views_per_call]
+            shifts = self.shifts[start : min(start + views_per_call, views)]
+            if start > 0 and not budget.fits(len(shifts)):
+                return ViewTokens([t[:start] for t in tokens], [p[:start] for p in prefixes], path.name)
             out = self._views(path, images, shifts, prefix)
             for i, layer_tokens in enumerate(out.tokens):
                 chunk = layer_tokens.unflatten(0, (len(shifts), batch))
@@ -253,6 +288,7 @@ class SRT(nn.Module):
                     if start == 0:
                         prefixes.append(chunk.new_empty((views, *chunk.shape[1:])))
                     prefixes[i][start : start + len(shifts)] = chunk
+            budget.chunk_done(len(shifts))
         return ViewTokens(tokens, prefixes, path.name)
 
     def _views(self, path: Implementation, images, shifts, prefix: bool, probe: bool = False) -> BackboneOutput:
@@ -286,3 +322,27 @@ class SRT(nn.Module):
                 lambda n: self._views(path, images, self.shifts[:n], prefix, probe=True), len(self.shifts),
                 images.shape[0], kept, images.device, activation_copies=copies)
         return self._auto_view_batch[key]
+
+
+class _Budget:
+    """The time budget of one run's views (``SRT.budget_ms``; None: unlimited): whether a further chunk
+    of views fits, judged from the time spent so far and the last chunk's time per view. On a GPU each
+    chunk's end is a CUDA synchronisation, so that the time is the device's."""
+
+    def __init__(self, budget_ms: float | None, device: torch.device):
+        self.seconds = None if budget_ms is None else budget_ms / 1000
+        self.device = device
+        self.start = self.last_end = time.perf_counter()
+        self.per_view = 0.0
+
+    def chunk_done(self, views: int) -> None:
+        if self.seconds is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.per_view = (now - self.last_end) / views
+        self.last_end = now
+
+    def fits(self, views: int) -> bool:
+        return self.seconds is None or self.last_end - self.start + self.per_view * views <= self.seconds
