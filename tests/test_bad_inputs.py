@@ -24,7 +24,7 @@ from utils import tiny_vit
 import fastsrt
 from fastsrt import deploy, options
 from fastsrt.cli import main
-from fastsrt.dvt import DVT, Denoiser, PairFolder, SRTTargets, TrainConfig, load_pair
+from fastsrt.dvt import DVT, Denoiser, PairFolder, SRTTargets, TrainConfig, distilled_backbone, load_pair
 from fastsrt.dvt.decomposition import DecomposeConfig, decompose
 from fastsrt.dvt.runner import fit_folder
 from fastsrt.errors import Unavailable
@@ -66,6 +66,10 @@ OPTION_ROWS = [
     ("PRECISIONS", lambda: deploy.compile(denoiser(), grid=(2, 2), precision="fp8"), "precision='fp8'"),
     ("AMPS", lambda: TrainConfig(amp="fp8").check(), "amp='fp8'"),
     ("PRETRAINED", lambda: fastsrt.SRT("vit_small_patch14_dinov2", 1, pretrained="yes"), "pretrained='yes'"),
+    ("DVT_VARIANTS", lambda: Denoiser.from_pretrained("vit_base_patch14_dinov2.lvd142m", variant="coco"),
+     "variant must be one of imagenet, voc, got 'coco'"),
+    ("DVT_VARIANTS", lambda: distilled_backbone("vit_base_patch14_dinov2.lvd142m", variant="coco"),
+     "variant must be one of imagenet, voc, got 'coco'"),
     ("DTYPE_NAMES", lambda: DecomposeConfig(cache_dtype="float64"), "cache_dtype='float64'"),
     ("DTYPE_NAMES", lambda: DecomposeConfig(backbone_dtype="int8"), "backbone_dtype='int8'"),
     ("DTYPE_NAMES", lambda: options.torch_dtype("float8"), "dtype 'float8'"),
