@@ -19,6 +19,7 @@ _PUBLIC = {  # name -> the module that defines it
     "DVT": "fastsrt.dvt.pipeline",
     "SRT": "fastsrt.srt",
     "SRTOutput": "fastsrt.srt",
+    "anytime_order": "fastsrt.views",
     "as_shifts": "fastsrt.views",
     "grid": "fastsrt.views",
     "load_timm_model": "fastsrt.backbone",

@@ -53,6 +53,7 @@ class ImageFeatures:
     noise: torch.Tensor  # (H, W) or (h, w): norm over channels of the std across views
     seconds: dict[str, float]
     impl: str  # what SRT ran (SRTOutput.impl), e.g. "fused" or "reference views + chunked aggregation"
+    views_done: int  # all of srt.shifts, or fewer where SRT has max_views or budget_ms
 
 
 def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures:
@@ -69,9 +70,9 @@ def features_of(srt: SRT, image: torch.Tensor, short_side: int) -> ImageFeatures
     seconds["raw forward"] = _now(device) - start
     start = _now(device)
     out = srt.run(batch, std=True)
-    seconds[f"SRT ({len(srt.shifts)} views)"] = _now(device) - start
+    seconds[f"SRT ({out.views_done} views)"] = _now(device) - start
     return ImageFeatures(image=image, raw=raw.cpu(), srt=out.features[0].cpu(), noise=out.std[0].norm(dim=0).cpu(),
-                         seconds=seconds, impl=out.impl)
+                         seconds=seconds, impl=out.impl, views_done=out.views_done)
 
 
 def _now(device: torch.device) -> float:
@@ -136,7 +137,7 @@ def extract(inputs, out_dir: str | os.PathLike, srt: SRT, short_side: int = 448,
             if picture:
                 save_png(target.with_suffix(".png"), comparison_picture(result))
             save_tensors(target, {"raw": result.raw, "srt": result.srt, "noise": result.noise},
-                         {**metadata, "source": str(path)})
+                         {**metadata, "source": str(path), "views_done": result.views_done})
         report.written.append(path)
     return report
 

@@ -192,7 +192,7 @@ def extract_video(srt: SRT, path: Path, out_dir: str | Path, short_side: int, se
     device = next(srt.backbone.parameters(), torch.empty(0)).device
     expected = expected_frames(info, settings.every, settings.fps)
     preview_fps = settings.fps or (info.fps / settings.every if info.fps else PREVIEW_FALLBACK_FPS)
-    raws, features, times, indices = [], [], [], []
+    raws, features, times, indices, views = [], [], [], [], []
     stored_bytes = 0
     bar = tqdm(total=expected or None, desc=path.name, unit="frame", leave=False, disable=not progress)
     try:
@@ -206,7 +206,8 @@ def extract_video(srt: SRT, path: Path, out_dir: str | Path, short_side: int, se
                 if not raws:  # before the first SRT call
                     _check_size(path, images, raw, expected, settings, store)
                     image_size = tuple(images.shape[-2:])
-                srt_features = video_srt.run(inputs).features
+                out = video_srt.run(inputs)  # fewer than all views where SRT has max_views or budget_ms
+                srt_features = out.features
                 raw, srt_features = _stored(raw, store), _stored(srt_features, store)
                 stored_bytes += (raw.numel() + srt_features.numel()) * raw.element_size()
                 if stored_bytes > settings.max_bytes:
@@ -216,6 +217,7 @@ def extract_video(srt: SRT, path: Path, out_dir: str | Path, short_side: int, se
                 features.append(srt_features)
                 times += [frame.time for frame in batch]
                 indices += [frame.index for frame in batch]
+                views += [out.views_done] * len(batch)
                 if preview is not None:
                     for image, r, s in zip(images, raw, srt_features):
                         preview.add(image, r, s)
@@ -224,7 +226,7 @@ def extract_video(srt: SRT, path: Path, out_dir: str | Path, short_side: int, se
                 preview.flush()
     except VideoReadError as error:
         if indices:
-            _save(partial_path, raws, features, times, indices, {
+            _save(partial_path, raws, features, times, indices, views, {
                 **metadata, **_video_metadata(path, info, settings, short_side, image_size), "complete": False,
                 "frames_read": error.frames_read, "reason": error.reason})
             raise VideoReadError(path, error.frames_read, f"{error.reason}; the features of the {len(indices)} "
@@ -232,7 +234,7 @@ def extract_video(srt: SRT, path: Path, out_dir: str | Path, short_side: int, se
         raise
     finally:
         bar.close()
-    _save(features_path, raws, features, times, indices,
+    _save(features_path, raws, features, times, indices, views,
           {**metadata, **_video_metadata(path, info, settings, short_side, image_size), "complete": True})
     partial_path.unlink(missing_ok=True)  # an earlier run's partial result, now superseded
     return len(indices)
@@ -282,7 +284,8 @@ def _video_metadata(path: Path, info: VideoInfo, settings: VideoSettings, short_
             "short_side": short_side, "image_size": list(image_size)}
 
 
-def _save(path: Path, raws, features, times, indices, metadata: dict) -> None:
+def _save(path: Path, raws, features, times, indices, views, metadata: dict) -> None:
     tensors = {"raw": torch.cat(raws), "srt": torch.cat(features), "times": torch.tensor(times, dtype=torch.float64),
-               "indices": torch.tensor(indices, dtype=torch.int64)}
+               "indices": torch.tensor(indices, dtype=torch.int64),
+               "views_done": torch.tensor(views, dtype=torch.int64)}
     save_tensors(path, tensors, {**metadata, "frames": len(indices)})

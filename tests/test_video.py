@@ -254,3 +254,23 @@ def test_video_writer_leaves_nothing_on_an_error_and_reads_back(tmp_path):
     assert [frame.index for frame in read_video(path)] == [0, 1, 2, 3]
     with pytest.raises(VideoReadError, match="no such file"):
         list(read_video(tmp_path / "missing.mp4"))
+
+
+def test_max_views_is_recorded_per_frame_and_per_image(videos, tmp_path, reference_srt):
+    """--max-views 3: the first 3 views of the anytime order, for every frame of a video and for an
+    image; the files say how many views each frame had."""
+    from PIL import Image
+
+    Image.fromarray(moving_frames(1)[0]).save(tmp_path / "still.png")
+    out = tmp_path / "out"
+    inputs = [str(videos / "clip.mp4"), str(tmp_path / "still.png")]
+    assert main(["extract", *inputs, "--out", str(out), "--no-preview", "--no-png", "--max-views", "3", *FAST]) == 0
+    stored = load_tensors(out / "clip.safetensors")
+    assert stored["views_done"].tolist() == [3] * 7
+    assert load_metadata(out / "still.safetensors")["views_done"] == 3
+    few = SRT(reference_srt.backbone, 1, output="token", max_views=3)
+    frame = next(read_video(videos / "clip.mp4"))
+    batch = normalize(resize_to_patch_multiple(frame.image, 32, few.patch_size), few.backbone.mean, few.backbone.std)
+    expected = few.run(batch[None]).features[0]
+    assert torch.allclose(stored["srt"][0].float(), expected, rtol=1e-2, atol=1e-2)  # stored as float16
+    assert not torch.allclose(expected, reference_srt.run(batch[None]).features[0], rtol=1e-2, atol=1e-2)
