@@ -49,6 +49,12 @@ name, slug = harness.device_name()
 facts = dict(device=name, slug=slug, python=sys.version.split()[0], versions=harness.versions(),
              torch_cuda=torch.version.cuda, cuda_home=cpp_extension.CUDA_HOME,
              torch_cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", ""), gpu=torch.cuda.is_available())
+# what the steps need beyond torch: a missing one is named here, before the step it breaks
+import importlib.util, shutil
+facts["needs"] = {"ninja (extension build)": shutil.which("ninja") or "MISSING",
+                  **{f"{name} ({step})": "found" if importlib.util.find_spec(name) else "MISSING"
+                     for name, step in (("hypothesis", "tests"), ("matplotlib", "reports"), ("av", "stream"))}}
+print("needs: " + ", ".join(f"{name}: {found}" for name, found in facts["needs"].items()), flush=True)
 if facts["gpu"]:
     props = torch.cuda.get_device_properties(0)
     facts.update(capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,

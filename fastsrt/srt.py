@@ -332,6 +332,8 @@ class _Budget:
     def __init__(self, budget_ms: float | None, device: torch.device):
         self.seconds = None if budget_ms is None else budget_ms / 1000
         self.device = device
+        if self.seconds is not None and device.type == "cuda":  # the work queued before this run is not its own
+            torch.cuda.synchronize(device)
         self.start = self.last_end = time.perf_counter()
         self.per_view = 0.0
 

@@ -278,8 +278,9 @@ class _Conversion:
             index, frame_time, item = item.index, item.time, item.image
         pixels = self.pixels(item, index)
         if side is not None:  # the copy and the conversion on the side stream
-            if pixels.device.type == "cuda":  # a frame the source made on the GPU: after the work that made it
-                side.wait_stream(torch.cuda.current_stream(self.device))
+            if pixels.device.type == "cuda":  # a frame the source made on the GPU (on the default stream):
+                side.wait_stream(torch.cuda.current_stream(self.device))  # read after the work that made it,
+                pixels.record_stream(side)  # and its memory not reused before the side stream has read it
             with torch.cuda.stream(side):
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True) if pixels.device.type == "cpu" \
                     else pixels.to(self.device)

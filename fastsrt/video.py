@@ -13,6 +13,7 @@ decoding breaks off, raises ``VideoReadError`` naming the frames read before it 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -135,7 +136,9 @@ def read_video(path: str | os.PathLike, every: int = 1, fps: float | None = None
                 if fps is not None:
                     if time - start + 1e-6 < next_time:
                         continue
-                    next_time += 1.0 / fps
+                    # the next multiple of 1/fps after this frame: a gap in the timestamps (variable frame
+                    # rate) is not followed by a burst of frames catching up
+                    next_time = (math.floor((time - start) * fps + 1e-6) + 1) / fps
                 elif index % every:
                     continue
                 image = torch.from_numpy(_upright(frame)).permute(2, 0, 1).float().div_(255)

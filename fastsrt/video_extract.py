@@ -108,7 +108,8 @@ def frames_per_call(srt: SRT, frame_batch: int | str) -> int:
     if frame_batch != "auto":
         return frame_batch
     view_batch = DEFAULT_VIEW_BATCH if srt.view_batch == "auto" else srt.view_batch
-    return max(1, view_batch // len(srt.shifts))
+    views = min(len(srt.shifts), srt.max_views or len(srt.shifts))  # max_views: only the first views run
+    return max(1, view_batch // views)
 
 
 def _with_output(srt: SRT, output: str) -> SRT:

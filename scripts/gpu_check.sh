@@ -10,8 +10,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=gpu_check_out
-for arg in "$@"; do
-    case "$arg" in -*) ;; *) out="$arg"; break ;; esac
+skip_value=0
+for arg in "$@"; do  # OUT: the first argument that is neither an option nor an option's value
+    if [ $skip_value = 1 ]; then skip_value=0; continue; fi
+    case "$arg" in
+        --steps|--results|--deadline) skip_value=1 ;;
+        -*) ;;
+        *) out="$arg"; break ;;
+    esac
 done
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
