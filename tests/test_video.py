@@ -274,3 +274,12 @@ def test_max_views_is_recorded_per_frame_and_per_image(videos, tmp_path, referen
     expected = few.run(batch[None]).features[0]
     assert torch.allclose(stored["srt"][0].float(), expected, rtol=1e-2, atol=1e-2)  # stored as float16
     assert not torch.allclose(expected, reference_srt.run(batch[None]).features[0], rtol=1e-2, atol=1e-2)
+
+
+def test_the_auto_frame_batch_fills_the_view_batch_with_the_views_that_run(reference_srt):
+    from fastsrt.video_extract import frames_per_call
+
+    every_view = SRT(reference_srt.backbone, 1, view_batch=40)  # 10 views
+    assert frames_per_call(every_view, "auto") == 4 and frames_per_call(every_view, 3) == 3
+    assert frames_per_call(SRT(reference_srt.backbone, 1, view_batch=40, max_views=5), "auto") == 8
+    assert frames_per_call(SRT(reference_srt.backbone, 3, view_batch=8), "auto") == 1  # 50 views: at least one

@@ -1,5 +1,7 @@
 """fastsrt.video: frames come back as written (up to the codec's loss), subsampled as asked, upright,
 and a damaged file is reported with the frames read before the damage."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,23 @@ def test_writing_needs_frames_and_a_known_container(tmp_path):
     with pytest.raises(ValueError, match="container format"):
         video.write_video(tmp_path / "clip.xyz", moving_bars(1), FPS)
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_fps_after_a_gap_in_the_timestamps_keeps_no_burst(tmp_path):
+    """A variable-frame-rate video (as phones record): frames at 0..0.3 s, then from 2.0 s. At 5 fps
+    the kept frames are the first at or after each 0.2 s step from the last kept one, so after the gap
+    the frames do not come back to back to catch up."""
+    path = tmp_path / "vfr.mp4"
+    times = [0, 1, 2, 3, 20, 21, 22, 23]  # tenths of a second
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, FPS)
+        for tenth, pixels in zip(times, moving_bars(len(times))):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = tenth, Fraction(1, FPS)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    decoded = [round(frame.time, 3) for frame in video.read_video(path)]
+    assert decoded == [t / 10 for t in times]  # the container kept the gap
+    assert [round(frame.time, 3) for frame in video.read_video(path, fps=5)] == [0.0, 0.2, 2.0, 2.2]
