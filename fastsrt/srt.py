@@ -261,6 +261,11 @@ class SRT(nn.Module):
             views_done=done,
         )
 
+    @property
+    def views_to_run(self) -> int:
+        """The views a run takes at most: all of ``shifts``, or the first ``max_views``."""
+        return min(len(self.shifts), self.max_views or len(self.shifts))
+
     def view_tokens(self, images: torch.Tensor, prefix: bool = False) -> ViewTokens:
         """Backbone tokens of the views of a batch (sides a multiple of the patch), after
         ``token_transform``: every view, or the first ones as ``max_views`` and ``budget_ms`` allow.
@@ -269,7 +274,7 @@ class SRT(nn.Module):
         paths_impl = "reference" if self.impl == "chunked" else self.impl
         path = choose("SRT views", self.view_paths, paths_impl, images.device.type, images, self.shifts,
                       self.layers, prefix)
-        views, batch = min(len(self.shifts), self.max_views or len(self.shifts)), images.shape[0]
+        views, batch = self.views_to_run, images.shape[0]
         views_per_call = max(1, self._view_batch(images, prefix, path) // batch)
         budget = _Budget(self.budget_ms, images.device)
         tokens, prefixes = [], []  # per layer (K, B, ...), filled chunk by chunk: no second copy

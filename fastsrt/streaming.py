@@ -119,10 +119,7 @@ class Stream:
                 _positive_int("size's sides", side)
             size = (int(size[0]), int(size[1]))
         if isinstance(frames, (str, os.PathLike)):
-            _positive_int("every", every)
-            if fps is not None and not (isinstance(fps, (int, float)) and fps > 0):
-                raise ValueError(f"fps must be a positive number, got {fps!r}")
-            self.source = read_video(frames, every=every, fps=fps)  # a generator: nothing is opened before iterating
+            self.source = read_video(frames, every=every, fps=fps)  # checks every/fps; opens the file when iterated
         elif every != 1 or fps is not None:
             raise ValueError("every and fps subsample a video file; frames is not a path")
         elif isinstance(frames, Iterable):

@@ -112,16 +112,29 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
 
 
+def check_subsampling(every: int = 1, fps: float | None = None) -> None:
+    """ValueError naming the value unless ``every`` is an int >= 1 and ``fps`` None or a positive
+    finite number, not both given."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
+                            or fps <= 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if fps is not None and every != 1:
+        raise ValueError(f"give every or fps, not both (every={every}, fps={fps})")
+
+
 def read_video(path: str | os.PathLike, every: int = 1, fps: float | None = None) -> Iterator[VideoFrame]:
     """Decodes ``path`` frame by frame. ``every``: keep frames 0, N, 2N... ; ``fps``: keep the first
     frame at or after each multiple of 1/fps seconds (of the first frame's time). A decoding error
     or a stream that ends short of its declared frame count raises VideoReadError after the frames
-    read so far were yielded."""
-    if int(every) != every or every < 1:
-        raise ValueError(f"every must be a positive integer, got {every!r}")
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps!r}")
-    path = Path(path)
+    read so far were yielded. Bad ``every``/``fps`` raise at once; the file is opened at the first
+    frame asked for."""
+    check_subsampling(every, fps)
+    return _decode(Path(path), every, fps)
+
+
+def _decode(path: Path, every: int, fps: float | None) -> Iterator[VideoFrame]:
     av = require_av()
     container = _open(path)
     index = -1

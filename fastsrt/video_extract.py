@@ -31,7 +31,15 @@ from fastsrt.backbone_fused import DEFAULT_VIEW_BATCH, precision
 from fastsrt.io import ImageReadError, load_metadata, normalize, resize_to_patch_multiple, save_tensors
 from fastsrt.options import DTYPE_NAMES, OUTPUTS, torch_dtype
 from fastsrt.srt import SRT
-from fastsrt.video import VideoFrame, VideoInfo, VideoReadError, VideoWriter, probe, read_video
+from fastsrt.video import (
+    VideoFrame,
+    VideoInfo,
+    VideoReadError,
+    VideoWriter,
+    check_subsampling,
+    probe,
+    read_video,
+)
 from fastsrt.viz import PCABasis, fit_pca, side_by_side, to_uint8_image
 
 PREVIEW_FIT_FRAMES = 8  # the preview's PCA colours are fitted on the features of this many first frames
@@ -56,13 +64,7 @@ class VideoSettings:
     max_bytes: int = 8_000_000_000
 
     def __post_init__(self):
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be an int >= 1, got {self.every!r}")
-        if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)
-                                         and self.fps > 0):
-            raise ValueError(f"fps must be a positive number, got {self.fps!r}")
-        if self.fps is not None and self.every != 1:
-            raise ValueError(f"give every or fps, not both (every={self.every}, fps={self.fps})")
+        check_subsampling(self.every, self.fps)
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         if self.store_dtype not in DTYPE_NAMES:
@@ -108,8 +110,7 @@ def frames_per_call(srt: SRT, frame_batch: int | str) -> int:
     if frame_batch != "auto":
         return frame_batch
     view_batch = DEFAULT_VIEW_BATCH if srt.view_batch == "auto" else srt.view_batch
-    views = min(len(srt.shifts), srt.max_views or len(srt.shifts))  # max_views: only the first views run
-    return max(1, view_batch // views)
+    return max(1, view_batch // srt.views_to_run)
 
 
 def _with_output(srt: SRT, output: str) -> SRT:
